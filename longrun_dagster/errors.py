@@ -1,0 +1,109 @@
+"""The one exception tree of longrun-dagster; every error names the thing and the fix.
+
+    LongrunError
+    ├── ConfigError                  (ValueError)  bad base URI, bad stage declaration, ...
+    ├── StorageError                               a backend failed (I/O error, S3 5xx, ...)
+    │   ├── ObjectNotFound           (FileNotFoundError)
+    │   │   └── PartitionNotCommitted              no verified manifest for a partition
+    │   ├── CommitConflict                         another writer committed first
+    │   └── CorruptObject                          size or SHA-256 differs from the manifest
+    ├── UnsupportedOutput            (TypeError)   an object no format can store without pickle
+    ├── ValidationFailed                           a stage's output is over its bad-row budget
+    ├── CheckpointError                            no usable checkpoint / bad checkpoint state
+    ├── LeaseLost                                  a newer attempt holds the partition's lease
+    ├── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
+    └── RunStalled                                 no progress within the stall timeout
+
+Backend exceptions (``OSError``, ``botocore`` errors) are translated at one seam in each
+storage backend: ``raise CommitConflict(...) from exc``.
+"""
+
+from typing import Any
+
+
+class LongrunError(Exception):
+    """Base of every error this library raises."""
+
+
+class ConfigError(LongrunError, ValueError):
+    """A setting or declaration is wrong; the message says which and how to fix it."""
+
+
+class StorageError(LongrunError):
+    """The object store failed to do what was asked."""
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """No object at ``uri``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PartitionNotCommitted(ObjectNotFound):
+    """A partition has no committed (manifest-backed) version."""
+
+    def __init__(self, message: str, *, uri: str, asset: str, partition: str | None) -> None:
+        super().__init__(message, uri=uri)
+        self.asset = asset
+        self.partition = partition
+
+
+class CommitConflict(StorageError):
+    """A conditional write lost: another writer changed the object since it was read."""
+
+
+class CorruptObject(StorageError):
+    """An object's bytes do not match the size or SHA-256 its manifest records."""
+
+    def __init__(
+        self, message: str, *, uri: str, expected: str | int, actual: str | int
+    ) -> None:
+        super().__init__(message, uri=uri)
+        self.expected = expected
+        self.actual = actual
+
+
+class UnsupportedOutput(LongrunError, TypeError):
+    """An output type that cannot be stored without pickle."""
+
+
+class ValidationFailed(LongrunError):
+    """A stage output failed its schema on more rows than its bad-row budget allows."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        asset: str,
+        partition: str | None,
+        rows_checked: int,
+        rows_invalid: int,
+        failure_cases: list[dict[str, Any]],
+    ) -> None:
+        super().__init__(message)
+        self.asset = asset
+        self.partition = partition
+        self.rows_checked = rows_checked
+        self.rows_invalid = rows_invalid
+        self.failure_cases = failure_cases
+
+
+class CheckpointError(LongrunError):
+    """A checkpoint could not be written or no usable checkpoint state exists."""
+
+
+class LeaseLost(CommitConflict):
+    """This attempt's lease on the partition was superseded by a newer attempt."""
+
+
+class GpuMemoryExceeded(LongrunError):
+    """Device memory is over the hard threshold after cleanup; retry in a fresh process."""
+
+
+class RunStalled(LongrunError):
+    """A run made no progress within its stall timeout."""

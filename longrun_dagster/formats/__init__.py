@@ -1,0 +1,59 @@
+"""Objects <-> bytes without pickle: Parquet, safetensors, JSON. No storage here."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from longrun_dagster.errors import ConfigError, UnsupportedOutput
+from longrun_dagster.formats import parquet, records, tensors
+
+NONE_FORMAT = "none"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An object as bytes: the format to read it back with, a file extension, a row count."""
+
+    format: str
+    extension: str
+    data: bytes
+    rows: int | None
+
+
+def encode(obj: Any) -> Encoded:
+    """Encode ``obj``: a DataFrame as Parquet, a dict of tensors/arrays as safetensors,
+    JSON-able data as JSON. Anything else raises ``UnsupportedOutput``: no pickle."""
+    if isinstance(obj, pd.DataFrame):
+        return Encoded(parquet.FORMAT, parquet.EXTENSION, parquet.dumps(obj), len(obj))
+    if tensors.is_tensor_dict(obj):
+        fmt, data = tensors.dumps(obj)
+        return Encoded(fmt, tensors.EXTENSION, data, None)
+    if obj is None:
+        return Encoded(NONE_FORMAT, "none", b"", None)
+    try:
+        data = records.dumps(obj)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedOutput(
+            f"cannot store an object of type {type(obj).__qualname__} without pickle: "
+            f"{exc}. Return a pandas DataFrame (Parquet), a dict of torch tensors or numpy "
+            "arrays (safetensors), or JSON-able data (dict/list/str/number/bool/None)"
+        ) from exc
+    rows = len(obj) if isinstance(obj, list) else None
+    return Encoded(records.FORMAT, records.EXTENSION, data, rows)
+
+
+def decode(format_name: str, data: bytes) -> Any:
+    """The object ``encode`` turned into ``data`` with format ``format_name``."""
+    if format_name == parquet.FORMAT:
+        return parquet.loads(data)
+    if format_name in (tensors.FORMAT_TORCH, tensors.FORMAT_NUMPY):
+        return tensors.loads(format_name, data)
+    if format_name == records.FORMAT:
+        return records.loads(data)
+    if format_name == NONE_FORMAT:
+        return None
+    raise ConfigError(
+        f"unknown stored format {format_name!r}; this partition was written by a newer "
+        "longrun-dagster, upgrade it to read this partition"
+    )

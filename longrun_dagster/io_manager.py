@@ -1,0 +1,199 @@
+"""AtomicObjectStoreIOManager: Dagster's IO manager interface over the commit protocol."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+from pydantic import Field, PrivateAttr
+
+from longrun_dagster import formats
+from longrun_dagster.commit import UNSET, Manifest, PartitionStore, describe
+from longrun_dagster.errors import ConfigError, PartitionNotCommitted
+from longrun_dagster.storage import open_store
+
+BASE_URI_ENV = "LONGRUN_BASE_URI"
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """An output with commit details, as a model stage hands it to the IO manager.
+
+    ``expect`` is the manifest token seen when the attempt started (None: no manifest);
+    ``extra`` objects (role -> value), such as quarantined rows, commit in the same manifest.
+    """
+
+    value: Any
+    fingerprint: str | None = None
+    expect: str | None = UNSET
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    generation: int | None = None
+
+
+@dataclass(frozen=True)
+class AlreadyCommitted:
+    """Marker output: the partition is committed already; record it, write nothing."""
+
+    manifest: Manifest
+
+
+def default_base_uri() -> str:
+    """``$LONGRUN_BASE_URI``, else ``$DAGSTER_HOME/longrun``, else ``./.longrun/storage``."""
+    if os.environ.get(BASE_URI_ENV):
+        return os.environ[BASE_URI_ENV]
+    home = os.environ.get("DAGSTER_HOME")
+    base = Path(home) / "longrun" if home else Path.cwd() / ".longrun" / "storage"
+    return base.absolute().as_uri()
+
+
+def materialization_metadata(
+    store: PartitionStore, manifest: Manifest, *, reused: bool
+) -> dict[str, Any]:
+    """What every materialization records about the partition it committed or reused."""
+    data = manifest.object("data")
+    uri = store.uri(manifest.asset, manifest.partition)
+    meta: dict[str, Any] = {
+        "uri": dg.MetadataValue.path(uri),
+        "bytes": manifest.size,
+        "format": manifest.format,
+        "sha256": data.sha256 if data else "",
+        "reused": reused,
+        "committed_by_run": manifest.run_id,
+        "data_version": manifest.data_version,
+    }
+    if manifest.rows is not None:
+        meta["rows"] = manifest.rows
+    if manifest.fingerprint:
+        meta["fingerprint"] = manifest.fingerprint
+    return meta
+
+
+class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
+    """Commits each partition atomically with checksums to a local path or S3; no pickle.
+
+    DataFrames are stored as Parquet, dicts of tensors as safetensors, JSON-able values as
+    JSON. A downstream asset reading several upstream partitions gets a dict
+    ``{partition_key: value}``. Readers trust only verified manifests, so a torn or
+    tampered object is reported, never read.
+    """
+
+    base_uri: str | None = Field(
+        default=None,
+        description=(
+            "Where partitions are committed: file:///abs/path, a local path, or "
+            "s3://bucket/prefix. Default: $LONGRUN_BASE_URI, else $DAGSTER_HOME/longrun, "
+            "else ./.longrun/storage."
+        ),
+    )
+    s3: S3Resource | None = Field(
+        default=None,
+        description=(
+            "dagster-aws S3Resource for s3:// URIs (endpoint, region, credentials, retries)."
+            " Unset: boto3's defaults from the environment."
+        ),
+    )
+    gc_grace_seconds: float = Field(
+        default=3600.0,
+        description=(
+            "After a commit, unreferenced objects in that partition's folder older than "
+            "this are deleted (readers of the previous version get this long to finish)."
+        ),
+    )
+
+    _partitions: PartitionStore | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._partitions = self._build()
+
+    def _build(self) -> PartitionStore:
+        uri = self.base_uri or default_base_uri()
+        client = self.s3.get_client() if self.s3 is not None and uri.startswith("s3:") else None
+        return PartitionStore(open_store(uri, s3_client=client))
+
+    def partition_store(self) -> PartitionStore:
+        """The plain commit-protocol object this IO manager writes through."""
+        if self._partitions is None:
+            self._partitions = self._build()
+        return self._partitions
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        keys = _partition_keys(context)
+        if len(keys) > 1:
+            values = _per_partition(obj, keys, context)
+        else:
+            values = {keys[0]: obj}
+        metas = [self._handle_one(context, key, value) for key, value in values.items()]
+        if len(metas) == 1:
+            context.add_output_metadata(metas[0])
+        else:
+            context.add_output_metadata({
+                "partitions": len(metas),
+                "bytes": sum(m["bytes"] for m in metas),
+                "rows": sum(m.get("rows", 0) for m in metas),
+                "reused": sum(1 for m in metas if m["reused"]),
+            })
+
+    def _handle_one(self, context: dg.OutputContext, key: str | None, obj: Any) -> dict[str, Any]:
+        store = self.partition_store()
+        asset = list(context.asset_key.path)
+        if isinstance(obj, AlreadyCommitted):
+            return materialization_metadata(store, obj.manifest, reused=True)
+        request = obj if isinstance(obj, CommitRequest) else CommitRequest(value=obj)
+        encoded = formats.encode(request.value)
+        objects = {"data": (encoded.data, encoded.extension)} if encoded.data else {}
+        for role, value in request.extra.items():
+            extra = formats.encode(value)
+            objects[role] = (extra.data, extra.extension)
+        manifest = store.commit(
+            asset, key, objects, format=encoded.format, rows=encoded.rows,
+            run_id=context.run_id, fingerprint=request.fingerprint,
+            metadata=dict(request.metadata), generation=request.generation,
+            expect=request.expect,
+        )
+        store.collect_garbage_partition(asset, key, older_than_s=self.gc_grace_seconds)
+        context.log.debug(f"committed {describe(asset, key)} at {store.uri(asset, key)}")
+        return materialization_metadata(store, manifest, reused=False)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        store = self.partition_store()
+        asset = list(context.asset_key.path)
+        keys = _partition_keys(context)
+        meta = context.definition_metadata or {}
+        allow_missing = bool(meta.get("allow_missing_partitions", False))
+        loaded: dict[str | None, Any] = {}
+        for key in keys:
+            try:
+                manifest, data = store.read(asset, key)
+            except PartitionNotCommitted:
+                if allow_missing:
+                    continue
+                raise
+            loaded[key] = formats.decode(manifest.format, data)
+        if len(keys) == 1 and not meta.get("as_dict", False):
+            return loaded[keys[0]]
+        return loaded
+
+
+def _partition_keys(context: dg.OutputContext | dg.InputContext) -> list[str | None]:
+    if context.has_asset_partitions:
+        return list(context.asset_partition_keys)
+    return [None]
+
+
+def _per_partition(obj: Any, keys: list[str | None], context: dg.OutputContext) -> dict[
+    str | None, Any
+]:
+    if isinstance(obj, AlreadyCommitted):
+        raise ConfigError("AlreadyCommitted covers one partition; return one per partition")
+    if not isinstance(obj, Mapping) or set(obj) != set(keys):
+        raise ConfigError(
+            f"asset {context.asset_key.to_user_string()} ran for {len(keys)} partitions in "
+            f"one run ({keys[0]} .. {keys[-1]}), so its output must be a dict "
+            "{partition_key: value} with exactly those keys; got "
+            f"{type(obj).__qualname__}. Return such a dict, or launch one run per partition"
+        )
+    return dict(obj)

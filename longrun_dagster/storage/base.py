@@ -1,0 +1,135 @@
+"""The object store contract: bytes in, bytes out, atomically; no Dagster, no formats."""
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from longrun_dagster.errors import ConfigError
+
+# Below this size hashing inline is cheaper than starting a thread.
+_HASH_IN_THREAD_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object without reading it."""
+
+    key: str
+    size: int
+    token: str
+    """Opaque version token (S3 ETag); pass it back as ``if_match``."""
+    modified: float
+    """Last-modified time, seconds since the epoch."""
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """An object written whole: its key, size, SHA-256 of the bytes sent, version token."""
+
+    key: str
+    size: int
+    sha256: str
+    token: str
+
+
+class ObjectStore(ABC):
+    """Atomic object storage under one base URI.
+
+    Keys are relative, ``/``-separated, and never contain ``..``, empty components,
+    backslashes or control characters (callers encode user input; see ``keys``).
+    ``put`` is all-or-nothing: a reader sees the previous object or the new one whole,
+    never a prefix, whatever happens to the writer.
+    """
+
+    uri: str
+
+    def uri_of(self, key: str) -> str:
+        """The full URI of ``key`` (for logs, errors and metadata)."""
+        return f"{self.uri.rstrip('/')}/{check_key(key)}"
+
+    @abstractmethod
+    def put(
+        self, key: str, data: bytes | memoryview, *, if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> PutResult:
+        """Write ``data`` at ``key`` atomically.
+
+        ``if_absent`` fails with ``CommitConflict`` if ``key`` exists; ``if_match`` fails
+        with ``CommitConflict`` unless the current object's token equals it.
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> tuple[bytes, str]:
+        """Read the object at ``key``: its bytes and version token (``ObjectNotFound``)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and token of ``key`` without reading it (``ObjectNotFound``)."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every committed object whose key starts with ``prefix`` (no temporaries)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+
+    @abstractmethod
+    def clean_incomplete(self, prefix: str, older_than_s: float) -> int:
+        """Remove leftovers of interrupted writes under ``prefix`` (temp files, unfinished
+        multipart uploads) older than ``older_than_s`` seconds; return how many."""
+
+    def exists(self, key: str) -> bool:
+        from longrun_dagster.errors import ObjectNotFound
+
+        try:
+            self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise ``ConfigError``."""
+    parts = key.split("/")
+    bad = (
+        not key
+        or key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or any(ord(c) < 32 or c in "\\\x7f" for c in key)
+    )
+    if bad:
+        raise ConfigError(
+            f"unsafe object key {key!r}: keys are relative '/'-separated paths without "
+            "'..', empty parts, backslashes or control characters; encode user input with "
+            "longrun_dagster.storage.keys.encode_component"
+        )
+    return key
+
+
+class Sha256InBackground:
+    """SHA-256 of a buffer computed on another core while the caller does I/O.
+
+    hashlib releases the GIL on large buffers, as do file writes, fsync and sockets, so
+    hashing beside the write costs about max(write, hash) instead of their sum.
+    """
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._digest = ""
+        self._data = data
+        self._thread: threading.Thread | None = None
+        if len(data) >= _HASH_IN_THREAD_BYTES:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        self._digest = hashlib.sha256(self._data).hexdigest()
+
+    def hexdigest(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+        return self._digest
