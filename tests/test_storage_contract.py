@@ -105,7 +105,8 @@ def test_unsafe_keys_are_refused(store: ObjectStore, key: str) -> None:
 def test_clean_incomplete_removes_only_old_leftovers(store: ObjectStore) -> None:
     store.put("c/keep", b"1")
     leftovers = _leave_incomplete_write(store, "c/torn")
-    assert store.clean_incomplete("c/", older_than_s=3600) == 0
+    if isinstance(store, LocalStore):  # moto dates every multipart upload 2010-11-10
+        assert store.clean_incomplete("c/", older_than_s=3600) == 0
     assert store.clean_incomplete("c/", older_than_s=0) == leftovers
     assert [i.key for i in store.list("c/")] == ["c/keep"]
 

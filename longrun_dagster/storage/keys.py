@@ -3,7 +3,9 @@
 import hashlib
 from urllib.parse import quote
 
-_SAFE = "-_.=+,@~"  # besides ASCII letters and digits; never '/', '%', '\\', NUL
+# Besides ASCII letters and digits. Never '/', '%', '\\', NUL; never '~', which marks a
+# shortened key, so no user key can encode to a shortened key's name.
+_SAFE = "-_.=+,@"
 _MAX_ENCODED = 120
 UNPARTITIONED = "_unpartitioned"
 
@@ -16,7 +18,7 @@ def encode_component(text: str) -> str:
     if encoded.startswith("."):
         encoded = "%2E" + encoded[1:]  # '.', '..' and hidden files are never produced
     if not encoded:
-        encoded = "%00empty"
+        encoded = "%empty"  # quote() only writes %XX in hex, so no key encodes to this
     if len(encoded) > _MAX_ENCODED:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
         encoded = f"{encoded[:_MAX_ENCODED - 30]}~{digest}"
