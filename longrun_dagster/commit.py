@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from longrun_dagster.errors import (
@@ -197,7 +197,7 @@ class PartitionStore:
         manifest = Manifest(
             asset=list(asset), partition=partition, format=format, objects=stored, rows=rows,
             fingerprint=fingerprint, run_id=run_id,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
             metadata=dict(metadata or {}), generation=generation,
         )
         try:

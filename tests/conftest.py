@@ -84,3 +84,24 @@ def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Obj
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     """The same contract, once per backend."""
     return make_store(request.param, tmp_path, request)
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip without a GPU; `slow` tests run only with -m slow or LONGRUN_SLOW=1."""
+    markexpr = config.getoption("-m") or ""
+    run_slow = os.environ.get("LONGRUN_SLOW") == "1" or "slow" in markexpr
+    gpu = _has_gpu()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda)"))
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow soak test: -m slow or LONGRUN_SLOW=1"))

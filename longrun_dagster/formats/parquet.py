@@ -12,9 +12,11 @@ def dumps(frame: pd.DataFrame) -> bytes:
     table = pa.Table.from_pandas(frame, preserve_index=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy", write_statistics=True)
-    return sink.getvalue().to_pybytes()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def loads(data: bytes) -> pd.DataFrame:
     table = pq.read_table(pa.BufferReader(data))
-    return table.to_pandas()
+    frame: pd.DataFrame = table.to_pandas()
+    return frame
