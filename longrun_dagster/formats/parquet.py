@@ -11,9 +11,18 @@ EXTENSION = "parquet"
 def dumps(frame: pd.DataFrame) -> bytes:
     table = pa.Table.from_pandas(frame, preserve_index=True)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy", write_statistics=True)
+    pq.write_table(table, sink, compression="snappy", write_statistics=True,
+                   use_dictionary=_dictionary_columns(table.schema))
     data: bytes = sink.getvalue().to_pybytes()
     return data
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Dictionary-encode only text-like columns: on floats (embeddings, scores) pyarrow's
+    default tries a dictionary first and writes ~7x slower for nothing (bench/io.py)."""
+    return [f.name for f in schema
+            if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or pa.types.is_binary(f.type) or pa.types.is_dictionary(f.type)]
 
 
 def loads(data: bytes) -> pd.DataFrame:
