@@ -128,6 +128,30 @@ def describe(asset: AssetPath, partition: str | None) -> str:
     return f"asset {name}" if partition is None else f"partition {partition!r} of asset {name}"
 
 
+def read_verified(store: ObjectStore, key: str, stored: StoredObject, *, owner: str,
+                  fix: str) -> bytes:
+    """The object's bytes if they have the size and SHA-256 ``stored`` records, else
+    ``CorruptObject`` naming its URI, ``owner`` (what names it) and ``fix``."""
+    uri = store.uri_of(key)
+    try:
+        data, _ = store.get(key)
+    except ObjectNotFound as exc:
+        raise CorruptObject(f"object {uri} named by {owner} is missing; {fix}",
+                            uri=uri, expected=stored.size, actual="missing") from exc
+    if len(data) != stored.size:
+        raise CorruptObject(
+            f"object {uri} has {len(data)} bytes, {owner} says {stored.size}; {fix}",
+            uri=uri, expected=stored.size, actual=len(data),
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != stored.sha256:
+        raise CorruptObject(
+            f"object {uri} fails its SHA-256 check (expected {stored.sha256[:16]}..., "
+            f"got {digest[:16]}...); {fix}", uri=uri, expected=stored.sha256, actual=digest,
+        )
+    return data
+
+
 class PartitionStore:
     """Commits and reads whole partitions of assets on an ``ObjectStore``."""
 
@@ -234,29 +258,10 @@ class PartitionStore:
         return manifest, self.read_object(asset, partition, stored)
 
     def read_object(self, asset: AssetPath, partition: str | None, stored: StoredObject) -> bytes:
-        key = self.prefix(asset, partition) + stored.name
-        uri = self.store.uri_of(key)
         fix = (f"it changed after commit; re-materialize {describe(asset, partition)} "
                "to recompute it, or restore the object from a backup")
-        try:
-            data, _ = self.store.get(key)
-        except ObjectNotFound as exc:
-            raise CorruptObject(
-                f"object {uri} named by the manifest of {describe(asset, partition)} is "
-                f"missing; {fix}", uri=uri, expected=stored.size, actual="missing",
-            ) from exc
-        if len(data) != stored.size:
-            raise CorruptObject(
-                f"object {uri} has {len(data)} bytes, its manifest says {stored.size}; {fix}",
-                uri=uri, expected=stored.size, actual=len(data),
-            )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != stored.sha256:
-            raise CorruptObject(
-                f"object {uri} fails its SHA-256 check (expected {stored.sha256[:16]}..., "
-                f"got {digest[:16]}...); {fix}", uri=uri, expected=stored.sha256, actual=digest,
-            )
-        return data
+        return read_verified(self.store, self.prefix(asset, partition) + stored.name, stored,
+                             owner=f"the manifest of {describe(asset, partition)}", fix=fix)
 
     def verify(self, manifest: Manifest) -> None:
         """Check every object the manifest names by reading it (``CorruptObject``)."""

@@ -10,6 +10,8 @@
     ├── UnsupportedOutput            (TypeError)   an object no format can store without pickle
     ├── ValidationFailed                           a stage's output is over its bad-row budget
     ├── CheckpointError                            no usable checkpoint / bad checkpoint state
+    ├── Preempted                                  SIGTERM: checkpointed and stopped
+    ├── SegmentEnded                               time budget spent: checkpointed, resumable
     ├── LeaseLost                                  a newer attempt holds the partition's lease
     ├── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
     └── RunStalled                                 no progress within the stall timeout
@@ -95,6 +97,21 @@ class ValidationFailed(LongrunError):
 
 class CheckpointError(LongrunError):
     """A checkpoint could not be written or no usable checkpoint state exists."""
+
+
+class Preempted(LongrunError):
+    """SIGTERM (eviction, spot notice, shutdown) arrived; completed batches are checkpointed
+    and the next attempt resumes after them."""
+
+
+class SegmentEnded(LongrunError):
+    """The run's time budget is nearly spent; the partition is checkpointed, unfinished,
+    and its continuation resumes it."""
+
+    def __init__(self, message: str, *, batches_done: int, batches_total: int) -> None:
+        super().__init__(message)
+        self.batches_done = batches_done
+        self.batches_total = batches_total
 
 
 class LeaseLost(CommitConflict):

@@ -1,7 +1,7 @@
 """AtomicObjectStoreIOManager: Dagster's IO manager interface over the commit protocol."""
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ class CommitRequest:
     """An output with commit details, as a model stage hands it to the IO manager.
 
     ``expect`` is the manifest token seen when the attempt started (None: no manifest);
-    ``extra`` objects (role -> value), such as quarantined rows, commit in the same manifest.
+    ``extra`` objects (role -> value), such as quarantined rows, commit in the same manifest;
+    ``after_commit`` runs once the manifest has landed (a stage deletes its checkpoints).
     """
 
     value: Any
@@ -32,6 +33,7 @@ class CommitRequest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     generation: int | None = None
+    after_commit: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
             metadata=dict(request.metadata), generation=request.generation,
             expect=request.expect,
         )
+        if request.after_commit is not None:
+            request.after_commit()
         store.collect_garbage_partition(asset, key, older_than_s=self.gc_grace_seconds)
         context.log.debug(f"committed {describe(asset, key)} at {store.uri(asset, key)}")
         return materialization_metadata(store, manifest, reused=False)

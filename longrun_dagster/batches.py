@@ -1,0 +1,314 @@
+"""The batch loop of a model stage: map a function over stable batches, validate each
+output, checkpoint every N batches or M seconds, resume, react to SIGTERM and deadlines.
+
+Plain Python (no Dagster): ``stage.py`` wraps it in an asset. Every batch output is
+normalised through a Parquet round trip as soon as it is produced, so a run resumed from
+checkpoint shards and an uninterrupted run concatenate identical frames and commit
+byte-identical output.
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+import pandas as pd
+import pandera.pandas as pa
+
+from longrun_dagster.checkpoint import Checkpointer
+from longrun_dagster.errors import ConfigError, Preempted, SegmentEnded
+from longrun_dagster.formats import parquet
+from longrun_dagster.validation import Report, validate
+
+VALID, QUARANTINE, CASES = "valid", "quarantine", "cases"
+_log = logging.getLogger("longrun_dagster.stage")
+
+
+class StageHook(Protocol):
+    """Something called around every batch (the GPU guard, the heartbeat publisher)."""
+
+    def on_start(self, progress: "Progress") -> None: ...
+
+    def on_batch(self, progress: "Progress") -> None: ...
+
+    def on_end(self, progress: "Progress") -> dict[str, Any]: ...
+
+
+@dataclass
+class Progress:
+    """Where a partition's work stands; hooks and the progress log read it."""
+
+    batches_total: int
+    rows_total: int
+    batches_done: int = 0
+    rows_done: int = 0
+    resumed_from_batch: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        """Rows per second computed by this process (resumed rows do not count)."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        done_here = self.rows_done - self._rows_at_resume
+        return done_here / elapsed
+
+    _rows_at_resume: int = 0
+
+    def describe(self) -> str:
+        rate = self.rate()
+        left = self.rows_total - self.rows_done
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        pct = 100.0 * self.rows_done / self.rows_total if self.rows_total else 100.0
+        return (f"{self.rows_done}/{self.rows_total} rows ({pct:.0f}%), batch "
+                f"{self.batches_done}/{self.batches_total}, {rate:.1f} rows/s, ETA {eta}")
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When to checkpoint, log progress, stop for SIGTERM or a deadline."""
+
+    every_batches: int = 10
+    every_seconds: float = 300.0
+    progress_every_seconds: float = 30.0
+    sigterm_grace_seconds: float = 20.0
+    time_budget_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_batches < 1 or self.every_seconds <= 0:
+            raise ConfigError(
+                f"checkpoint cadence must be positive (every_batches={self.every_batches}, "
+                f"every_seconds={self.every_seconds}); use e.g. every_batches=10"
+            )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished partition: valid output, quarantined rows, counts."""
+
+    output: pd.DataFrame
+    quarantine: pd.DataFrame
+    failure_cases: pd.DataFrame
+    rows_in: int
+    batches: int
+    checkpoints: int
+    resumed_from_batch: int
+    wall_seconds: float
+    model_calls: int
+    hook_metadata: dict[str, Any]
+
+    @property
+    def rows_quarantined(self) -> int:
+        return len(self.quarantine)
+
+
+BatchFn = Callable[[pd.DataFrame, int], pd.DataFrame]
+
+
+class BatchLoop:
+    """One attempt at one partition: resume, map ``fn`` over batches, checkpoint, finish."""
+
+    def __init__(self, fn: BatchFn, frame: pd.DataFrame, *, batch_size: int,
+                 schema: pa.DataFrameSchema, checkpointer: Checkpointer, cadence: Cadence,
+                 hooks: Sequence[StageHook] = (), name: str = "stage",
+                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
+        self.fn, self.frame, self.batch_size = fn, frame.reset_index(drop=True), batch_size
+        self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
+        self.hooks, self.name, self.log = list(hooks), name, log or _log
+        total = -(-len(self.frame) // batch_size)
+        self.progress = Progress(batches_total=total, rows_total=len(self.frame))
+        self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
+        self._pending = 0  # batches done since the last checkpoint
+        self._saved_at = time.monotonic()
+        self._lock = threading.RLock()  # the loop and the SIGTERM guard both save
+        self._stop = threading.Event()
+        self._done = threading.Event()  # the loop has ended, cleanly or by raising
+        self.model_calls = 0
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        started = time.monotonic()
+        self._resume()
+        for hook in self.hooks:
+            hook.on_start(self.progress)
+        with _on_sigterm(self._sigterm):
+            try:
+                self._loop()
+            except BaseException:
+                self._save_completed("interrupted")  # lose no completed batch
+                raise
+            finally:
+                self._done.set()
+                self.ckpt.close()
+        meta: dict[str, Any] = {}
+        for hook in self.hooks:
+            meta.update(hook.on_end(self.progress))
+        return Outcome(
+            output=_concat(self._frames[VALID]), quarantine=_concat(self._frames[QUARANTINE]),
+            failure_cases=_concat(self._frames[CASES]), rows_in=len(self.frame),
+            batches=self.progress.batches_total, checkpoints=self.ckpt.saves,
+            resumed_from_batch=self.progress.resumed_from_batch,
+            wall_seconds=time.monotonic() - started, model_calls=self.model_calls,
+            hook_metadata=meta,
+        )
+
+    def _loop(self) -> None:
+        logged = time.monotonic()
+        per_batch = 0.0
+        for index in range(self.progress.batches_done, self.progress.batches_total):
+            self._check_stop(index, per_batch)
+            began = time.monotonic()
+            self._one_batch(index)
+            per_batch = max(per_batch, time.monotonic() - began)
+            for hook in self.hooks:
+                hook.on_batch(self.progress)
+            if self._pending >= self.cadence.every_batches or \
+                    time.monotonic() - self._saved_at >= self.cadence.every_seconds:
+                self._save()
+            if time.monotonic() - logged >= self.cadence.progress_every_seconds:
+                self.log.info(f"{self.name}: {self.progress.describe()}")
+                logged = time.monotonic()
+        self._save_completed("finished")
+
+    def _one_batch(self, index: int) -> None:
+        start = index * self.batch_size
+        batch = self.frame.iloc[start:start + self.batch_size]
+        self.model_calls += 1
+        out = self.fn(batch, index)
+        if not isinstance(out, pd.DataFrame):
+            raise ConfigError(
+                f"{self.name}: the model function returned {type(out).__qualname__} for "
+                f"batch {index}; it must return a pandas DataFrame of output rows"
+            )
+        report = validate(out, self.schema)
+        with self._lock:
+            self._add(index, report)
+            self.progress.batches_done = index + 1
+            self.progress.rows_done = min(start + self.batch_size, len(self.frame))
+            self.progress.last_progress = time.monotonic()
+            self._pending += 1
+
+    def _add(self, index: int, report: Report) -> None:
+        self._frames[VALID].append(_normalised(report.valid))
+        quarantine = report.quarantined.reset_index()
+        quarantine.insert(0, "batch", index)
+        self._frames[QUARANTINE].append(_normalised(quarantine))
+        cases = report.failure_cases.assign(batch=index)
+        cases["index"] = pd.to_numeric(cases["index"], errors="coerce").astype("float64")
+        self._frames[CASES].append(_normalised(cases))
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        restored = self.ckpt.restore()
+        if restored is None:
+            return
+        done = int(restored.step)
+        if done > self.progress.batches_total or restored.metadata.get("rows_total") != len(
+                self.frame):
+            self.log.warning(f"{self.name}: checkpoint at batch {done} does not match this "
+                             "input; starting from the beginning")
+            self.ckpt.clear()
+            return
+        for kind, data in restored.shards:
+            self._frames[kind].append(parquet.loads(data))
+        self.progress.batches_done = self.progress.resumed_from_batch = done
+        self.progress.rows_done = min(done * self.batch_size, len(self.frame))
+        self.progress._rows_at_resume = self.progress.rows_done
+        self.log.info(f"{self.name}: resuming from checkpoint after batch {done} "
+                      f"({self.progress.rows_done}/{self.progress.rows_total} rows done)")
+
+    def _save(self, *, wait: bool = False) -> None:
+        with self._lock:
+            if self._pending == 0:
+                return
+            fresh = {kind: frames[len(frames) - self._pending:]
+                     for kind, frames in self._frames.items()}
+            shards = [(kind, parquet.dumps(_concat(frames))) for kind, frames in fresh.items()]
+            self.ckpt.save(self.progress.batches_done, new_shards=shards,
+                           metadata={"rows_total": len(self.frame)})
+            self._pending = 0
+            self._saved_at = time.monotonic()
+        if wait:
+            self.ckpt.flush()
+
+    def _save_completed(self, why: str) -> None:
+        try:
+            self._save(wait=True)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            self.log.error(f"{self.name}: could not checkpoint ({why}): {exc}")
+
+    # -- stopping early ----------------------------------------------------------------
+
+    def _check_stop(self, index: int, per_batch: float) -> None:
+        if self._stop.is_set():
+            self._save(wait=True)
+            raise Preempted(
+                f"{self.name}: stopped by SIGTERM after batch {index}; checkpoint written, "
+                "the next attempt resumes there"
+            )
+        budget = self.cadence.time_budget_seconds
+        if budget is None:
+            return
+        elapsed = time.monotonic() - self.progress.started
+        if elapsed + 2 * per_batch + 1.0 >= budget:
+            self._save(wait=True)
+            raise SegmentEnded(
+                f"{self.name}: time budget of {budget:.0f}s nearly spent after "
+                f"{self.progress.describe()}; checkpoint written at batch {index}. Run the "
+                "partition again (the continuation) to resume there",
+                batches_done=index, batches_total=self.progress.batches_total,
+            )
+
+    def _sigterm(self) -> None:
+        """Signal handler: ask the loop to stop; if the batch in flight outlasts the grace
+        period, save what is complete from a guard thread and exit hard."""
+        self._stop.set()
+        self.log.warning(f"{self.name}: SIGTERM; checkpointing within "
+                         f"{self.cadence.sigterm_grace_seconds:.0f}s")
+        threading.Thread(target=self._grace_guard, daemon=True).start()
+
+    def _grace_guard(self) -> None:
+        if self._done.wait(self.cadence.sigterm_grace_seconds * 0.5):
+            return  # the loop stopped at a batch boundary and checkpointed
+        self._save_completed("SIGTERM grace period")
+        os._exit(143)
+
+
+def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as it will read back from a checkpoint shard."""
+    return parquet.loads(parquet.dumps(frame.reset_index(drop=True)))
+
+
+def _concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
+
+
+class _on_sigterm:
+    """Route SIGTERM to ``callback`` while inside (main thread only; elsewhere a no-op)."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.previous: Any = None
+        self.installed = False
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.callback()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous)

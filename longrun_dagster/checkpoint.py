@@ -1,0 +1,201 @@
+"""Checkpoints inside a partition: atomic, verified, resumable; no Dagster here.
+
+A checkpoint is a cursor (``cursor-<step>.json``, a checksummed ``Manifest``) naming the
+objects it needs: result shards accumulated so far (a batch stage appends one per save)
+and optionally a state object (a custom loop's model/optimizer state). Objects are written
+first under unique names, the cursor last, so a crash leaves the previous checkpoint
+whole. ``restore`` takes the newest cursor whose objects all verify and says in the log
+when it had to fall back past a damaged one.
+"""
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from longrun_dagster import formats
+from longrun_dagster.commit import Manifest, StoredObject, read_verified
+from longrun_dagster.errors import CorruptObject, ObjectNotFound
+from longrun_dagster.storage import ObjectStore
+
+CURSOR_PREFIX = "cursor-"
+SHARD = "shard:"
+STEP_DIGITS = 12
+_log = logging.getLogger("longrun_dagster.checkpoint")
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A verified checkpoint: the step it was taken after, its state, its shards' bytes."""
+
+    step: int
+    state: Any
+    shards: list[tuple[str, bytes]]
+    """(kind, bytes) of every shard saved so far, in save order."""
+    metadata: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+    """Newer checkpoints that failed verification, each with why (also logged)."""
+    stored_shards: list[StoredObject] = field(default_factory=list)
+
+
+class Checkpointer:
+    """Save and restore checkpoints of one unit of work under ``prefix`` of ``store``.
+
+    ``save(step, state)`` is the whole API for a custom loop; a batch stage also passes
+    ``new_shards`` (encoded results since the last save), which accumulate across saves.
+    With ``background=True`` a save returns once its bytes are in host memory and is
+    written by one background thread; never more than one write is in flight, and the
+    next save or ``flush()`` raises a failed write's error.
+    """
+
+    def __init__(self, store: ObjectStore, prefix: str, *, run_id: str = "local",
+                 keep: int = 3, background: bool = False,
+                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
+        self.store = store
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.run_id = run_id
+        self.keep = max(2, keep)  # the previous one is the fallback for a damaged newest
+        self.log = log or _log
+        self.saves = 0
+        self._shards: list[StoredObject] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, "longrun-checkpoint") if background else None
+        self._inflight: Future[None] | None = None
+
+    # -- saving ------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any = None, *,
+             new_shards: Sequence[tuple[str, bytes]] = (),
+             metadata: dict[str, Any] | None = None) -> None:
+        """Checkpoint after ``step``: ``state`` (DataFrame, tensor dict, JSON-able, or None)
+        plus ``new_shards`` ((kind, bytes) pairs) appended to those of earlier saves."""
+        encoded = formats.encode(state) if state is not None else None
+        job = (step, encoded, list(new_shards), dict(metadata or {}))
+        if self._pool is None:
+            self._write(*job)
+            return
+        self.flush()
+        self._inflight = self._pool.submit(self._write, *job)
+
+    def flush(self) -> None:
+        """Wait for the background write in flight; raise its error if it failed."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _write(self, step: int, encoded: formats.Encoded | None,
+               new_shards: list[tuple[str, bytes]],
+               metadata: dict[str, Any]) -> None:
+        with self._lock:
+            attempt = uuid.uuid4().hex[:12]
+            objects = list(self._shards)
+            for i, (kind, shard) in enumerate(new_shards):
+                objects.append(self._put(f"shard-{step:0{STEP_DIGITS}d}-{i}-{attempt}.parquet",
+                                         f"{SHARD}{kind}", shard))
+            shards = list(objects)
+            fmt = "none"
+            if encoded is not None:
+                objects.append(self._put(f"state-{step:0{STEP_DIGITS}d}-{attempt}."
+                                         f"{encoded.extension}", "state", encoded.data))
+                fmt = encoded.format
+            cursor = Manifest(
+                asset=[], partition=None, format=fmt, objects=objects, rows=None,
+                fingerprint=None, run_id=self.run_id,
+                created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                metadata={**metadata, "step": step},
+            )
+            self.store.put(self._cursor_key(step), cursor.to_bytes())
+            self._shards = shards
+            self.saves += 1
+            self._prune()
+
+    def _put(self, name: str, role: str, data: bytes) -> StoredObject:
+        put = self.store.put(self.prefix + name, data)
+        return StoredObject(role, name, put.size, put.sha256)
+
+    def _cursor_key(self, step: int) -> str:
+        return f"{self.prefix}{CURSOR_PREFIX}{step:0{STEP_DIGITS}d}.json"
+
+    def _cursors(self) -> list[str]:
+        """Cursor keys, newest first."""
+        keys = [i.key for i in self.store.list(self.prefix)
+                if i.key[len(self.prefix):].startswith(CURSOR_PREFIX)]
+        return sorted(keys, reverse=True)
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` cursors and the objects they name; delete the rest."""
+        cursors = self._cursors()
+        for key in cursors[self.keep:]:
+            self.store.delete(key)
+        named: set[str] = set()
+        for key in cursors[: self.keep]:
+            try:
+                named |= {o.name for o in self._read_cursor(key).objects}
+            except (CorruptObject, ObjectNotFound):
+                return  # a damaged cursor: keep everything for restore to sort out
+        for info in self.store.list(self.prefix):
+            name = info.key[len(self.prefix):]
+            if not name.startswith(CURSOR_PREFIX) and name not in named:
+                self.store.delete(info.key)
+
+    # -- restoring -----------------------------------------------------------------------
+
+    def restore(self) -> Restored | None:
+        """The newest checkpoint whose cursor and objects all verify, or None."""
+        self.flush()
+        skipped: list[str] = []
+        for key in self._cursors():
+            try:
+                restored = self._load(key, skipped)
+            except (CorruptObject, ObjectNotFound) as exc:
+                reason = f"{self.store.uri_of(key)}: {exc}"
+                skipped.append(reason)
+                self.log.warning(f"checkpoint is damaged, falling back to an older one: "
+                                 f"{reason}")
+                continue
+            with self._lock:
+                self._shards = restored.stored_shards
+            return restored
+        if skipped:
+            self.log.warning(f"no checkpoint under {self.store.uri_of(self.prefix)} verifies "
+                             f"({len(skipped)} damaged); starting from the beginning")
+        return None
+
+    def _read_cursor(self, key: str) -> Manifest:
+        data, token = self.store.get(key)
+        return Manifest.from_bytes(data, token, self.store.uri_of(key))
+
+    def _load(self, key: str, skipped: list[str]) -> Restored:
+        cursor = self._read_cursor(key)
+        owner = f"checkpoint cursor {self.store.uri_of(key)}"
+        fix = "this checkpoint is skipped and an older one used"
+        shards, stored_shards, state = [], [], None
+        for stored in cursor.objects:
+            data = read_verified(self.store, self.prefix + stored.name, stored, owner=owner,
+                                 fix=fix)
+            if stored.role.startswith(SHARD):
+                shards.append((stored.role[len(SHARD):], data))
+                stored_shards.append(stored)
+            else:
+                state = formats.decode(cursor.format, data)
+        meta = dict(cursor.metadata)
+        return Restored(int(meta.pop("step")), state, shards, meta, skipped, stored_shards)
+
+    def clear(self) -> None:
+        """Delete every checkpoint under the prefix (after the partition is committed)."""
+        self.flush()
+        for info in self.store.list(self.prefix):
+            self.store.delete(info.key)
+        with self._lock:
+            self._shards = []

@@ -1,0 +1,368 @@
+"""``model_stage``: one decorator that turns a batch model function into a partitioned
+Dagster asset that reuses committed work, checkpoints, resumes, and validates its output.
+
+This module is the thin Dagster shell; the loop itself is ``batches.BatchLoop``.
+(No ``from __future__ import annotations`` here: Dagster reads the compute function's
+annotations at definition time.)
+"""
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from longrun_dagster import formats
+from longrun_dagster.batches import BatchLoop, Cadence, Outcome, StageHook
+from longrun_dagster.checkpoint import Checkpointer
+from longrun_dagster.commit import Manifest, PartitionStore, describe
+from longrun_dagster.errors import (
+    ConfigError,
+    PartitionNotCommitted,
+    SegmentEnded,
+    ValidationFailed,
+)
+from longrun_dagster.io_manager import AlreadyCommitted, AtomicObjectStoreIOManager, CommitRequest
+from longrun_dagster.validation import Schema, as_schema, failure_sample
+
+CHECK_NAME = "schema_valid_rows"
+CHECKPOINTS = "_checkpoints/"
+STAGE_TAG = "longrun/stage"
+CONTINUATION_TAG = "longrun/continuation"
+
+
+@dataclass
+class StageContext:
+    """What the model function sees besides its batch."""
+
+    asset_key: dg.AssetKey
+    partition_key: str | None
+    run_id: str
+    log: Any
+    resources: Any
+    config: Mapping[str, Any]
+    state: Any = None
+    """Whatever ``setup`` returned (a loaded model): built once per run, only when the
+    partition is actually computed."""
+    batch_index: int = 0
+
+
+ModelFn = Callable[[pd.DataFrame, StageContext], pd.DataFrame]
+SetupFn = Callable[[StageContext], Any]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything ``model_stage`` was told, checked once at definition time."""
+
+    name: str
+    key: dg.AssetKey
+    upstream: dg.AssetKey
+    schema: Any
+    batch_size: int
+    cadence: Cadence
+    max_bad_fraction: float
+    code_version: str
+    config: Mapping[str, Any]
+    setup: SetupFn | None
+    io_manager_key: str
+    hook_resource_keys: Sequence[str]
+
+    def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
+        """Code version + stage config + the data versions of the inputs actually read."""
+        body = {
+            "code_version": self.code_version, "config": dict(self.config),
+            "batch_size": self.batch_size,
+            "inputs": [[self.upstream.to_user_string(), key, m.data_version]
+                       for key, m in inputs],
+        }
+        text = json.dumps(body, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_stage(
+    *,
+    upstream: dg.AssetsDefinition | dg.AssetKey | str | Sequence[str],
+    schema: Schema,
+    partitions_def: dg.PartitionsDefinition | None = None,
+    partition_mapping: dg.PartitionMapping | None = None,
+    batch_size: int = 256,
+    checkpoint_every_batches: int = 10,
+    checkpoint_every_seconds: float = 300.0,
+    max_bad_fraction: float = 0.0,
+    code_version: str = "1",
+    config: Mapping[str, Any] | None = None,
+    setup: SetupFn | None = None,
+    name: str | None = None,
+    key_prefix: Sequence[str] | str | None = None,
+    group_name: str | None = None,
+    description: str | None = None,
+    pool: str | None = None,
+    required_resource_keys: Iterable[str] = (),
+    hook_resource_keys: Iterable[str] = (),
+    io_manager_key: str = "io_manager",
+    sigterm_grace_seconds: float = 20.0,
+    time_budget_seconds: float | None = None,
+    progress_every_seconds: float = 30.0,
+    retry_policy: dg.RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Callable[[ModelFn], dg.AssetsDefinition]:
+    """Decorate ``fn(batch, stage) -> DataFrame`` to make a crash-proof, validated asset.
+
+    The asset reads the committed rows of ``upstream`` for its partition (only when it has
+    to compute), maps ``fn`` over batches of ``batch_size`` rows, validates each output
+    with ``schema`` (pandera), checkpoints every ``checkpoint_every_batches`` batches or
+    ``checkpoint_every_seconds`` seconds, and commits valid rows (plus a quarantine object
+    with invalid rows and their failure cases) through the ``AtomicObjectStoreIOManager``
+    under ``io_manager_key``. A partition already committed with the same fingerprint
+    (code version + config + input data versions) is reused without calling ``fn``. More
+    than ``max_bad_fraction`` invalid rows fails the partition and commits nothing.
+    ``setup(stage)`` runs once per computed partition; its result is ``stage.state``.
+    Resources under ``hook_resource_keys`` (GPU guard, heartbeat) are called every batch.
+    """
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"max_bad_fraction must be within 0..1, got {max_bad_fraction}; "
+                          "0.01 allows 1% invalid rows")
+    cadence = Cadence(checkpoint_every_batches, checkpoint_every_seconds,
+                      progress_every_seconds, sigterm_grace_seconds, time_budget_seconds)
+    up_key = _asset_key(upstream)
+    checked_schema = as_schema(schema)
+
+    def decorate(fn: ModelFn) -> dg.AssetsDefinition:
+        asset_name = name or fn.__name__
+        prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
+        key = dg.AssetKey([*prefix, asset_name])
+        spec = StageSpec(
+            name=asset_name, key=key, upstream=up_key, schema=checked_schema,
+            batch_size=batch_size, cadence=cadence, max_bad_fraction=max_bad_fraction,
+            code_version=code_version, config=dict(config or {}), setup=setup,
+            io_manager_key=io_manager_key, hook_resource_keys=list(hook_resource_keys),
+        )
+
+        def compute(context: dg.AssetExecutionContext) -> Generator[Any, None, None]:
+            yield from _execute(spec, fn, context)
+
+        compute.__name__ = asset_name
+        return dg.asset(
+            name=asset_name, key_prefix=prefix or None, partitions_def=partitions_def,
+            deps=[dg.AssetDep(up_key, partition_mapping=partition_mapping)],
+            required_resource_keys={io_manager_key, *required_resource_keys,
+                                    *hook_resource_keys},
+            io_manager_key=io_manager_key, code_version=code_version, pool=pool,
+            group_name=group_name, retry_policy=retry_policy,
+            description=description or (fn.__doc__ or "").strip() or None,
+            tags={STAGE_TAG: "true", **(tags or {})},
+            metadata={"longrun/batch_size": batch_size,
+                      "longrun/max_bad_fraction": max_bad_fraction},
+            check_specs=[dg.AssetCheckSpec(
+                CHECK_NAME, asset=key, blocking=True,
+                description=f"at most {max_bad_fraction:.1%} of output rows fail the schema",
+            )],
+        )(compute)
+
+    return decorate
+
+
+def _asset_key(upstream: dg.AssetsDefinition | dg.AssetKey | str | Sequence[str]
+               ) -> dg.AssetKey:
+    if isinstance(upstream, dg.AssetsDefinition):
+        return upstream.key
+    if isinstance(upstream, dg.AssetKey):
+        return upstream
+    if isinstance(upstream, str):
+        return dg.AssetKey.from_user_string(upstream)
+    return dg.AssetKey(list(upstream))
+
+
+# -- execution -------------------------------------------------------------------------
+
+
+def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
+             ) -> Generator[Any, None, None]:
+    started = time.monotonic()
+    partitions = _partition_store(spec, context)
+    asset = list(spec.key.path)
+    partition = context.partition_key if context.has_partition_key else None
+    inputs = _upstream_manifests(spec, context, partitions)
+    fingerprint = spec.fingerprint(inputs)
+    current = partitions.lookup(asset, partition)
+    if current is not None and current.fingerprint == fingerprint:
+        context.log.info(f"{describe(asset, partition)} is committed with this fingerprint "
+                         f"(run {current.run_id}); reusing it, the model is not called")
+        yield from _reused(spec, current, fingerprint)
+        return
+    stage = StageContext(spec.key, partition, context.run_id, context.log, context.resources,
+                         spec.config)
+    frame = _read_upstream(spec, partitions, inputs)
+    if spec.setup is not None:
+        stage.state = spec.setup(stage)
+    outcome = _run_loop(spec, fn, stage, frame, partitions, fingerprint, context)
+    meta = _stage_metadata(outcome, time.monotonic() - started)
+    yield from _judge(spec, outcome, meta, partition)
+    request = CommitRequest(
+        value=outcome.output, fingerprint=fingerprint,
+        expect=current.token if current is not None else None,
+        extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
+        metadata={k: v for k, v in meta.items() if k != "failure_sample"},
+        after_commit=lambda: clear_checkpoints(partitions, asset, partition),
+    )
+    yield _output(request, fingerprint, _dagster_metadata(meta))
+
+
+def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> PartitionStore:
+    io = getattr(context.resources, spec.io_manager_key)
+    if not isinstance(io, AtomicObjectStoreIOManager):
+        raise ConfigError(
+            f"model stage {spec.name} needs an AtomicObjectStoreIOManager under resource key "
+            f"{spec.io_manager_key!r}, got {type(io).__qualname__}; add "
+            f"resources={{{spec.io_manager_key!r}: AtomicObjectStoreIOManager(...)}}"
+        )
+    return io.partition_store()
+
+
+def _upstream_manifests(spec: StageSpec, context: dg.AssetExecutionContext,
+                        partitions: PartitionStore) -> list[tuple[str | None, Manifest]]:
+    keys = _upstream_keys(spec, context)
+    found = []
+    for key in keys:
+        manifest = partitions.lookup(spec.upstream.path, key)
+        if manifest is None:
+            where = partitions.uri(spec.upstream.path, key)
+            raise PartitionNotCommitted(
+                f"model stage {spec.name} needs {describe(spec.upstream.path, key)}, which is "
+                f"not committed (no manifest at {where}); materialize it first",
+                uri=where, asset=spec.upstream.to_user_string(), partition=key,
+            )
+        found.append((key, manifest))
+    return found
+
+
+def _upstream_keys(spec: StageSpec, context: dg.AssetExecutionContext) -> list[str | None]:
+    upstream_def = context.job_def.asset_layer.asset_graph.get(spec.upstream)
+    if upstream_def.partitions_def is None:
+        return [None]
+    return sorted(context.asset_partition_keys_for_input(spec.upstream.to_python_identifier()))
+
+
+def _read_upstream(spec: StageSpec, partitions: PartitionStore,
+                   inputs: list[tuple[str | None, Manifest]]) -> pd.DataFrame:
+    frames = []
+    for key, manifest in inputs:
+        stored = manifest.object("data")
+        if manifest.format != "parquet" or stored is None:
+            raise ConfigError(
+                f"model stage {spec.name} maps over rows, but {describe(spec.upstream.path, key)}"
+                f" is stored as {manifest.format!r}; its asset must return a pandas DataFrame"
+            )
+        frames.append(formats.decode(manifest.format,
+                                     partitions.read_object(spec.upstream.path, key, stored)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
+              partitions: PartitionStore, fingerprint: str, context: dg.AssetExecutionContext
+              ) -> Outcome:
+    asset = list(spec.key.path)
+    prefix = partitions.prefix(asset, stage.partition_key) + CHECKPOINTS + fingerprint[:16]
+    ckpt = Checkpointer(partitions.store, prefix, run_id=context.run_id, background=True,
+                        log=context.log)
+    hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
+
+    def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+        stage.batch_index = index
+        return fn(batch, stage)
+
+    loop = BatchLoop(batch_fn, frame, batch_size=spec.batch_size, schema=spec.schema,
+                     checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
+                     name=f"{spec.name}[{stage.partition_key}]", log=context.log)
+    try:
+        return loop.run()
+    except SegmentEnded as exc:
+        context.instance.add_run_tags(context.run_id, {CONTINUATION_TAG: "requested"})
+        raise dg.Failure(description=str(exc), metadata={
+            "batches_done": exc.batches_done, "batches_total": exc.batches_total,
+            "continuation": "requested",
+        }) from exc
+
+
+def _stage_metadata(outcome: Outcome, wall: float) -> dict[str, Any]:
+    checked = len(outcome.output) + outcome.rows_quarantined
+    return {
+        "rows_in": outcome.rows_in,
+        "rows_out": len(outcome.output),
+        "rows_quarantined": outcome.rows_quarantined,
+        "bad_fraction": outcome.rows_quarantined / checked if checked else 0.0,
+        "failure_sample": failure_sample(outcome.failure_cases),
+        "batches": outcome.batches,
+        "model_calls": outcome.model_calls,
+        "checkpoints_written": outcome.checkpoints,
+        "resumed_from_batch": outcome.resumed_from_batch,
+        "wall_seconds": round(wall, 3),
+        **outcome.hook_metadata,
+    }
+
+
+def _dagster_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        out[k] = dg.MetadataValue.json(v) if isinstance(v, list | dict) else v
+    return out
+
+
+def _judge(spec: StageSpec, outcome: Outcome, meta: dict[str, Any], partition: str | None
+           ) -> Generator[Any, None, None]:
+    """Fail the partition (nothing committed, downstream blocked) past the bad-row budget."""
+    check_meta = {k: meta[k] for k in ("rows_out", "rows_quarantined", "bad_fraction")}
+    check_meta["failure_sample"] = dg.MetadataValue.json(meta["failure_sample"])
+    if meta["bad_fraction"] <= spec.max_bad_fraction:
+        yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata=check_meta)
+        return
+    yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata=check_meta,
+                              severity=dg.AssetCheckSeverity.ERROR)
+    checked = meta["rows_out"] + meta["rows_quarantined"]
+    first = "; ".join(f"{c['column']}: {c['check']} failed on {c['value']!r}"
+                      + (f" (row {c['row']})" if c["row"] is not None else "")
+                      for c in meta["failure_sample"][:3])
+    message = (
+        f"{describe(spec.key.path, partition)}: {meta['rows_quarantined']} of {checked} output "
+        f"rows ({meta['bad_fraction']:.1%}) fail the schema, over the budget of "
+        f"{spec.max_bad_fraction:.1%}. First failures: {first}. Nothing was committed and "
+        "downstream stages do not run; fix the model output or raise max_bad_fraction"
+    )
+    error = ValidationFailed(message, asset=spec.key.to_user_string(), partition=partition,
+                             rows_checked=checked, rows_invalid=meta["rows_quarantined"],
+                             failure_cases=meta["failure_sample"])
+    raise dg.Failure(description=message, metadata=_dagster_metadata(meta)) from error
+
+
+def _reused(spec: StageSpec, manifest: Manifest, fingerprint: str
+            ) -> Generator[Any, None, None]:
+    stored = manifest.metadata
+    yield _output(AlreadyCommitted(manifest), fingerprint, {
+        "model_calls": 0, "wall_seconds": 0.0,
+        **{k: stored[k] for k in ("rows_in", "rows_quarantined") if k in stored}})
+    yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True,
+                              metadata={"reused": True,
+                                        "rows_quarantined": stored.get("rows_quarantined", 0)})
+
+
+def _output(value: Any, fingerprint: str, metadata: Mapping[str, Any]) -> dg.Output[Any]:
+    """An Output whose Dagster data version is the fingerprint (same inputs and code, same
+    data), so the UI's staleness view agrees with reuse."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=) is beta
+        return dg.Output(value, data_version=dg.DataVersion(fingerprint[:24]),
+                         metadata=dict(metadata))
+
+
+def clear_checkpoints(partitions: PartitionStore, asset: Sequence[str], partition: str | None
+                      ) -> None:
+    """Delete a partition's checkpoints (they are dead weight once it is committed)."""
+    prefix = partitions.prefix(asset, partition) + CHECKPOINTS
+    for info in partitions.store.list(prefix):
+        partitions.store.delete(info.key)
