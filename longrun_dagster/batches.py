@@ -23,7 +23,7 @@ import pandera.pandas as pa
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.errors import ConfigError, Preempted, SegmentEnded
 from longrun_dagster.formats import parquet
-from longrun_dagster.validation import Report, validate
+from longrun_dagster.validation import Report, reject_all, validate
 
 VALID, QUARANTINE, CASES = "valid", "quarantine", "cases"
 _log = logging.getLogger("longrun_dagster.stage")
@@ -115,12 +115,14 @@ class BatchLoop:
     def __init__(self, fn: BatchFn, frame: pd.DataFrame, *, batch_size: int,
                  schema: pa.DataFrameSchema, checkpointer: Checkpointer, cadence: Cadence,
                  hooks: Sequence[StageHook] = (), name: str = "stage",
+                 one_row_per_input: bool = True,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
         self.fn, self.frame, self.batch_size = fn, frame.reset_index(drop=True), batch_size
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
+        self.one_row_per_input = one_row_per_input
         total = -(-len(self.frame) // batch_size)
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
         self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
@@ -187,7 +189,11 @@ class BatchLoop:
                 f"{self.name}: the model function returned {type(out).__qualname__} for "
                 f"batch {index}; it must return a pandas DataFrame of output rows"
             )
-        report = validate(out, self.schema)
+        if self.one_row_per_input and len(out) != len(batch):
+            report = reject_all(batch, "<rows>", "one output row per input row",
+                                f"{len(out)} rows returned for {len(batch)} inputs")
+        else:
+            report = validate(out, self.schema)
         with self._lock:
             self._add(index, report)
             self.progress.batches_done = index + 1

@@ -168,8 +168,9 @@ class Checkpointer:
                 self._shards = restored.stored_shards
             return restored
         if skipped:
-            self.log.warning(f"no checkpoint under {self.store.uri_of(self.prefix)} verifies "
-                             f"({len(skipped)} damaged); starting from the beginning")
+            where = self.store.uri_of(self.prefix.rstrip("/"))
+            self.log.warning(f"no checkpoint under {where} verifies ({len(skipped)} damaged); "
+                             "starting from the beginning")
         return None
 
     def _read_cursor(self, key: str) -> Manifest:

@@ -72,6 +72,7 @@ class StageSpec:
     setup: SetupFn | None
     io_manager_key: str
     hook_resource_keys: Sequence[str]
+    one_row_per_input: bool
 
     def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
         """Code version + stage config + the data versions of the inputs actually read."""
@@ -95,6 +96,7 @@ def model_stage(
     checkpoint_every_batches: int = 10,
     checkpoint_every_seconds: float = 300.0,
     max_bad_fraction: float = 0.0,
+    one_row_per_input: bool = True,
     code_version: str = "1",
     config: Mapping[str, Any] | None = None,
     setup: SetupFn | None = None,
@@ -121,7 +123,9 @@ def model_stage(
     with invalid rows and their failure cases) through the ``AtomicObjectStoreIOManager``
     under ``io_manager_key``. A partition already committed with the same fingerprint
     (code version + config + input data versions) is reused without calling ``fn``. More
-    than ``max_bad_fraction`` invalid rows fails the partition and commits nothing.
+    than ``max_bad_fraction`` invalid rows fails the partition and commits nothing. With
+    ``one_row_per_input`` (default) a batch output of the wrong length quarantines the
+    batch's input rows; set it False for stages that filter or expand rows.
     ``setup(stage)`` runs once per computed partition; its result is ``stage.state``.
     Resources under ``hook_resource_keys`` (GPU guard, heartbeat) are called every batch.
     """
@@ -142,6 +146,7 @@ def model_stage(
             batch_size=batch_size, cadence=cadence, max_bad_fraction=max_bad_fraction,
             code_version=code_version, config=dict(config or {}), setup=setup,
             io_manager_key=io_manager_key, hook_resource_keys=list(hook_resource_keys),
+            one_row_per_input=one_row_per_input,
         )
 
         def compute(context: dg.AssetExecutionContext) -> Generator[Any, None, None]:
@@ -196,7 +201,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
                          f"(run {current.run_id}); reusing it, the model is not called")
         yield from _reused(spec, current, fingerprint)
         return
-    stage = StageContext(spec.key, partition, context.run_id, context.log, context.resources,
+    stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
     frame = _read_upstream(spec, partitions, inputs)
     if spec.setup is not None:
@@ -269,7 +274,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
               ) -> Outcome:
     asset = list(spec.key.path)
     prefix = partitions.prefix(asset, stage.partition_key) + CHECKPOINTS + fingerprint[:16]
-    ckpt = Checkpointer(partitions.store, prefix, run_id=context.run_id, background=True,
+    ckpt = Checkpointer(partitions.store, prefix, run_id=context.run.run_id, background=True,
                         log=context.log)
     hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
 
@@ -279,11 +284,12 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
 
     loop = BatchLoop(batch_fn, frame, batch_size=spec.batch_size, schema=spec.schema,
                      checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
-                     name=f"{spec.name}[{stage.partition_key}]", log=context.log)
+                     name=f"{spec.name}[{stage.partition_key}]", log=context.log,
+                     one_row_per_input=spec.one_row_per_input)
     try:
         return loop.run()
     except SegmentEnded as exc:
-        context.instance.add_run_tags(context.run_id, {CONTINUATION_TAG: "requested"})
+        context.instance.add_run_tags(context.run.run_id, {CONTINUATION_TAG: "requested"})
         raise dg.Failure(description=str(exc), metadata={
             "batches_done": exc.batches_done, "batches_total": exc.batches_total,
             "continuation": "requested",

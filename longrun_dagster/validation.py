@@ -67,6 +67,15 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> Report:
     return Report(valid.reset_index(drop=True), _quarantine(frame, bad, cases), cases)
 
 
+def reject_all(frame: pd.DataFrame, column: str, check: str, value: str) -> Report:
+    """Quarantine every row of ``frame`` for one frame-wide reason (a model that returned
+    the wrong number of rows: its inputs are quarantined, since none has a trusted output)."""
+    frame = frame.reset_index(drop=True)
+    cases = pd.DataFrame({"column": [column], "check": [check], "failure_case": [value],
+                          "index": [None]})
+    return Report(frame.iloc[0:0], _quarantine(frame, set(range(len(frame))), cases), cases)
+
+
 def _cases(raw: pd.DataFrame) -> pd.DataFrame:
     cases = raw.reindex(columns=["column", "check", "failure_case", "index"]).copy()
     cases["column"] = cases["column"].astype(str)

@@ -56,19 +56,43 @@ def featurize(text: pd.Series) -> torch.Tensor:
     return torch.from_numpy(feats)
 
 
-@model_stage(upstream=texts, schema=Scored, partitions_def=DAYS, batch_size=10,
-             checkpoint_every_batches=3, checkpoint_every_seconds=3600, max_bad_fraction=0.05,
-             code_version=os.environ.get("PIPELINE_CODE_VERSION", "1"), setup=load_model)
-def scores(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+def score_batch(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+    """Score text rows with a small real torch MLP."""
     CALLS.append(stage.batch_index)
     delay = float(os.environ.get("BATCH_SLEEP", "0"))
     if delay:
         time.sleep(delay)
+    if stage.batch_index in MISBEHAVE.get("raise", ()):
+        raise RuntimeError(f"injected failure in batch {stage.batch_index}")
     with torch.no_grad():
         score = stage.state(featurize(batch.text)).squeeze(1).numpy().astype("float64")
     out = pd.DataFrame({"id": batch.id.to_numpy(), "score": score,
                         "label": np.where(score > 0.5, "high", "low")})
-    return misbehave(out, stage.batch_index)
+    out = misbehave(out, stage.batch_index)
+    if os.environ.get("ANNOUNCE_BATCHES"):
+        print(f"BATCH {stage.batch_index}", flush=True)
+    return out
+
+
+def make_scores(**overrides: Any) -> dg.AssetsDefinition:
+    options: dict[str, Any] = dict(
+        upstream=texts, schema=Scored, partitions_def=DAYS, batch_size=10,
+        checkpoint_every_batches=3, checkpoint_every_seconds=3600, max_bad_fraction=0.05,
+        code_version="1", setup=load_model, name="scores",
+        sigterm_grace_seconds=float(os.environ.get("SIGTERM_GRACE", "20")),
+    )
+    options.update(overrides)
+    return model_stage(**options)(score_batch)
+
+
+scores = make_scores()
+
+
+@dg.asset(partitions_def=DAYS)
+def summary(scores: pd.DataFrame) -> dict[str, float]:
+    """Downstream of the stage: must not run when the stage fails its budget."""
+    CALLS.append(-1)
+    return {"mean": float(scores.score.mean())}
 
 
 def misbehave(out: pd.DataFrame, index: int) -> pd.DataFrame:
@@ -90,3 +114,9 @@ def misbehave(out: pd.DataFrame, index: int) -> pd.DataFrame:
         elif kind == "short":
             out = out.iloc[:-3]
     return out
+
+
+def io_bytes(data: bytes) -> Any:
+    import io
+
+    return io.BytesIO(data)

@@ -1,0 +1,199 @@
+"""model_stage through Dagster's materialize(): reuse, recompute, quarantine, budget,
+resume after an exception, time-boxed segments, checkpoint clean-up."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from longrun_dagster import AtomicObjectStoreIOManager
+from longrun_dagster.commit import PartitionStore
+from tests.helpers import pipeline
+from tests.helpers.pipeline import make_scores, scores, summary, texts
+
+DAY = "2024-01-02"
+
+
+@pytest.fixture(autouse=True)
+def clean_calls() -> Iterator[None]:
+    pipeline.CALLS.clear()
+    pipeline.MISBEHAVE.clear()
+    yield
+    pipeline.MISBEHAVE.clear()
+
+
+@pytest.fixture
+def io(tmp_path: Path) -> AtomicObjectStoreIOManager:
+    return AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
+
+
+def run(io: AtomicObjectStoreIOManager, assets: list[Any] | None = None,
+        **kw: Any) -> dg.ExecuteInProcessResult:
+    assets = assets or [texts, scores]
+    kw.setdefault("partition_key", DAY)
+    return dg.materialize(assets, resources={"io_manager": io}, raise_on_error=False, **kw)
+
+
+def meta(result: dg.ExecuteInProcessResult, asset: str = "scores") -> dict[str, Any]:
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        if mat.asset_key.to_user_string() == asset:
+            return {k: v.value for k, v in mat.metadata.items()}
+    raise AssertionError(f"no materialization of {asset}")
+
+
+def committed_sha(io: AtomicObjectStoreIOManager, asset: str = "scores") -> str:
+    manifest = io.partition_store().lookup([asset], DAY)
+    assert manifest is not None
+    data = manifest.object("data")
+    assert data is not None
+    return data.sha256
+
+
+def test_recommit_reuses_without_calling_the_model(io: AtomicObjectStoreIOManager) -> None:
+    first = run(io)
+    assert first.success and len(pipeline.CALLS) == 20
+    assert meta(first)["reused"] is False and meta(first)["model_calls"] == 20
+    pipeline.CALLS.clear()
+    again = run(io, selection=[scores])
+    assert again.success and pipeline.CALLS == []
+    m = meta(again)
+    assert m["reused"] is True and m["committed_by_run"] == first.run_id
+    assert m["model_calls"] == 0
+
+
+def test_changing_the_code_version_recomputes(io: AtomicObjectStoreIOManager) -> None:
+    assert run(io).success
+    pipeline.CALLS.clear()
+    v2 = make_scores(code_version="2")
+    result = run(io, [texts, v2], selection=[v2])
+    assert result.success and len(pipeline.CALLS) == 20 and meta(result)["reused"] is False
+
+
+def test_changed_upstream_data_recomputes(io: AtomicObjectStoreIOManager) -> None:
+    assert run(io).success
+    pipeline.CALLS.clear()
+    assert run(io, selection=[texts]).success  # same rows, but a new commit of the same data
+    assert run(io, selection=[scores]).success
+    assert pipeline.CALLS == []  # same bytes upstream -> same data version -> reused
+
+
+@pytest.mark.parametrize("kind,bad_rows", [
+    ("nan", 1), ("empty_id", 2), ("out_of_range", 1), ("wrong_dtype", 10),
+    ("extra_column", 10), ("missing_column", 10), ("short", 10),
+])
+def test_malformed_output_under_budget_is_quarantined(
+    io: AtomicObjectStoreIOManager, kind: str, bad_rows: int
+) -> None:
+    pipeline.MISBEHAVE[kind] = {4}
+    result = run(io)
+    assert result.success
+    m = meta(result)
+    assert m["rows_quarantined"] == bad_rows
+    assert m["rows"] == 200 - bad_rows
+    assert m["failure_sample"], "a quarantine must say why"
+    manifest, data = io.partition_store().read(["scores"], DAY, role="quarantine")
+    quarantine = pipeline.pd.read_parquet(pipeline.io_bytes(data))
+    assert len(quarantine) == bad_rows and set(quarantine.batch) == {4}
+    assert all(json.loads(f) for f in quarantine.failures)
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed
+
+
+def test_over_budget_fails_clearly_commits_nothing_and_blocks_downstream(
+    io: AtomicObjectStoreIOManager,
+) -> None:
+    """Bad model output past the budget must not reach the next model."""
+    pipeline.MISBEHAVE["wrong_dtype"] = {0, 1, 2}
+    result = run(io, [texts, scores, summary])
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure
+                   and e.step_key == "scores")
+    message = failure.step_failure_data.error.message  # type: ignore[union-attr]
+    for part in ("scores", DAY, "30 of 200", "15.0%", "5.0%", "score",
+                 "raise max_bad_fraction"):
+        assert part in message, (part, message)
+    assert io.partition_store().lookup(["scores"], DAY) is None
+    assert -1 not in pipeline.CALLS, "downstream ran on bad data"
+    [check] = result.get_asset_check_evaluations()
+    assert not check.passed
+
+
+def test_exception_mid_partition_resumes_byte_identical(
+    io: AtomicObjectStoreIOManager, tmp_path: Path
+) -> None:
+    clean = AtomicObjectStoreIOManager(base_uri=(tmp_path / "clean").as_uri())
+    assert run(clean).success
+    pipeline.CALLS.clear()
+    pipeline.MISBEHAVE["raise"] = {13}
+    assert not run(io).success
+    assert pipeline.CALLS[-1] == 13
+    pipeline.MISBEHAVE.clear()
+    pipeline.CALLS.clear()
+    resumed = run(io, selection=[scores])
+    assert resumed.success
+    assert pipeline.CALLS == list(range(13, 20)), "completed batches must not be recomputed"
+    assert meta(resumed)["resumed_from_batch"] == 13
+    assert committed_sha(io) == committed_sha(clean)
+
+
+def test_checkpoints_are_deleted_once_committed(io: AtomicObjectStoreIOManager) -> None:
+    pipeline.MISBEHAVE["raise"] = {7}
+    run(io)
+    store = io.partition_store()
+    checkpoints = store.prefix(["scores"], DAY) + "_checkpoints/"
+    assert list(store.store.list(checkpoints))
+    pipeline.MISBEHAVE.clear()
+    assert run(io, selection=[scores]).success
+    assert list(store.store.list(checkpoints)) == []
+
+
+def test_time_budget_ends_segments_that_resume_to_the_same_output(
+    io: AtomicObjectStoreIOManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A platform job cap: each run does what fits, checkpoints, and asks to continue."""
+    clean = AtomicObjectStoreIOManager(base_uri=(tmp_path / "clean").as_uri())
+    assert run(clean).success
+    monkeypatch.setenv("BATCH_SLEEP", "0.1")
+    boxed = make_scores(time_budget_seconds=1.6)
+    instance = dg.DagsterInstance.ephemeral()
+    assert run(io, [texts], instance=instance).success
+    segments = 0
+    while True:
+        segments += 1
+        assert segments < 12
+        result = run(io, [texts, boxed], selection=[boxed], instance=instance)
+        if result.success:
+            break
+        tags = instance.get_run_by_id(result.run_id).tags  # type: ignore[union-attr]
+        assert tags.get("longrun/continuation") == "requested"
+    assert segments >= 2
+    assert committed_sha(io) == committed_sha(clean)
+
+
+def test_stage_without_our_io_manager_is_a_clear_config_error(tmp_path: Path) -> None:
+    result = dg.materialize([texts, scores], partition_key=DAY, raise_on_error=False,
+                            resources={"io_manager": dg.FilesystemIOManager(
+                                base_dir=str(tmp_path))})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "AtomicObjectStoreIOManager" in str(failure.step_failure_data.error)  # type: ignore[union-attr]
+
+
+def test_missing_upstream_partition_names_it(io: AtomicObjectStoreIOManager) -> None:
+    result = run(io, selection=[scores])
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    text = str(failure.step_failure_data.error)  # type: ignore[union-attr]
+    assert "texts" in text and DAY in text and "materialize it first" in text
+
+
+def test_partition_store_read_of_quarantine_is_public(io: AtomicObjectStoreIOManager) -> None:
+    pipeline.MISBEHAVE["nan"] = {0}
+    assert run(io).success
+    store: PartitionStore = io.partition_store()
+    manifest = store.lookup(["scores"], DAY)
+    assert manifest is not None and manifest.object("quarantine") is not None
