@@ -197,3 +197,13 @@ def test_partition_store_read_of_quarantine_is_public(io: AtomicObjectStoreIOMan
     store: PartitionStore = io.partition_store()
     manifest = store.lookup(["scores"], DAY)
     assert manifest is not None and manifest.object("quarantine") is not None
+
+
+def test_progress_is_logged_with_rate_and_eta(io: AtomicObjectStoreIOManager) -> None:
+    chatty = make_scores(progress_every_seconds=0.0)
+    instance = dg.DagsterInstance.ephemeral()
+    result = run(io, [texts, chatty], instance=instance)
+    assert result.success
+    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    progress = [m for m in messages if "rows/s" in m]
+    assert progress and "ETA" in progress[0] and "/200 rows" in progress[0]
