@@ -8,11 +8,12 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from longrun_dagster import formats
 from longrun_dagster.errors import (
     CommitConflict,
     CorruptObject,
@@ -20,6 +21,7 @@ from longrun_dagster.errors import (
     PartitionNotCommitted,
 )
 from longrun_dagster.storage import ObjectStore
+from longrun_dagster.storage.base import Sha256InBackground
 from longrun_dagster.storage.keys import UNPARTITIONED, partition_prefix
 
 MANIFEST = "_manifest.json"
@@ -129,9 +131,11 @@ def describe(asset: AssetPath, partition: str | None) -> str:
 
 
 def read_verified(store: ObjectStore, key: str, stored: StoredObject, *, owner: str,
-                  fix: str) -> bytes:
-    """The object's bytes if they have the size and SHA-256 ``stored`` records, else
-    ``CorruptObject`` naming its URI, ``owner`` (what names it) and ``fix``."""
+                  fix: str, decode: Callable[[bytes], Any] | None = None) -> Any:
+    """The object's bytes (or ``decode(bytes)``) if they have the size and SHA-256 that
+    ``stored`` records, else ``CorruptObject`` naming its URI, ``owner`` (what names it)
+    and ``fix``. With ``decode``, hashing runs beside decoding (both release the GIL) and
+    the decoded value is returned only after the digest matched."""
     uri = store.uri_of(key)
     try:
         data, _ = store.get(key)
@@ -143,13 +147,23 @@ def read_verified(store: ObjectStore, key: str, stored: StoredObject, *, owner: 
             f"object {uri} has {len(data)} bytes, {owner} says {stored.size}; {fix}",
             uri=uri, expected=stored.size, actual=len(data),
         )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != stored.sha256:
+    digest = Sha256InBackground(data)
+    value: Any = data
+    decode_error: Exception | None = None
+    if decode is not None:
+        try:
+            value = decode(data)
+        except Exception as exc:  # noqa: BLE001 - damaged bytes: the digest says so below
+            decode_error = exc
+    actual = digest.hexdigest()
+    if actual != stored.sha256:
         raise CorruptObject(
             f"object {uri} fails its SHA-256 check (expected {stored.sha256[:16]}..., "
-            f"got {digest[:16]}...); {fix}", uri=uri, expected=stored.sha256, actual=digest,
+            f"got {actual[:16]}...); {fix}", uri=uri, expected=stored.sha256, actual=actual,
         )
-    return data
+    if decode_error is not None:
+        raise decode_error
+    return value
 
 
 class PartitionStore:
@@ -257,11 +271,29 @@ class PartitionStore:
             return manifest, b""
         return manifest, self.read_object(asset, partition, stored)
 
-    def read_object(self, asset: AssetPath, partition: str | None, stored: StoredObject) -> bytes:
+    def load(self, asset: AssetPath, partition: str | None, role: str = "data"
+             ) -> tuple[Manifest, Any]:
+        """A committed partition's ``role`` object, verified and decoded (DataFrame,
+        tensors or JSON); hashing and decoding overlap."""
+        manifest = self.lookup(asset, partition)
+        if manifest is None:
+            self.read(asset, partition, role)  # raises PartitionNotCommitted
+        assert manifest is not None
+        stored = manifest.object(role)
+        if stored is None:
+            return manifest, formats.decode(manifest.format, b"")
+        fmt = manifest.format if role == "data" else formats.format_of(stored.name)
+        return manifest, self.read_object(asset, partition, stored,
+                                          decode=lambda data: formats.decode(fmt, data))
+
+    def read_object(self, asset: AssetPath, partition: str | None, stored: StoredObject,
+                    decode: Callable[[bytes], Any] | None = None) -> Any:
+        """The verified bytes of one object of a partition, or ``decode`` of them."""
         fix = (f"it changed after commit; re-materialize {describe(asset, partition)} "
                "to recompute it, or restore the object from a backup")
         return read_verified(self.store, self.prefix(asset, partition) + stored.name, stored,
-                             owner=f"the manifest of {describe(asset, partition)}", fix=fix)
+                             owner=f"the manifest of {describe(asset, partition)}", fix=fix,
+                             decode=decode)
 
     def verify(self, manifest: Manifest) -> None:
         """Check every object the manifest names by reading it (``CorruptObject``)."""

@@ -171,12 +171,11 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
         loaded: dict[str | None, Any] = {}
         for key in keys:
             try:
-                manifest, data = store.read(asset, key)
+                loaded[key] = store.load(asset, key)[1]
             except PartitionNotCommitted:
                 if allow_missing:
                     continue
                 raise
-            loaded[key] = formats.decode(manifest.format, data)
         if len(keys) == 1 and not meta.get("as_dict", False):
             return loaded[keys[0]]
         return loaded

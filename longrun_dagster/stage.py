@@ -17,7 +17,6 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from longrun_dagster import formats
 from longrun_dagster.batches import BatchLoop, Cadence, Outcome, StageHook
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.commit import Manifest, PartitionStore, describe
@@ -27,6 +26,7 @@ from longrun_dagster.errors import (
     SegmentEnded,
     ValidationFailed,
 )
+from longrun_dagster.formats import parquet
 from longrun_dagster.io_manager import AlreadyCommitted, AtomicObjectStoreIOManager, CommitRequest
 from longrun_dagster.validation import Schema, as_schema, failure_sample
 
@@ -264,8 +264,8 @@ def _read_upstream(spec: StageSpec, partitions: PartitionStore,
                 f"model stage {spec.name} maps over rows, but {describe(spec.upstream.path, key)}"
                 f" is stored as {manifest.format!r}; its asset must return a pandas DataFrame"
             )
-        frames.append(formats.decode(manifest.format,
-                                     partitions.read_object(spec.upstream.path, key, stored)))
+        frames.append(partitions.read_object(spec.upstream.path, key, stored,
+                                             decode=parquet.loads))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -95,8 +95,7 @@ def test_malformed_output_under_budget_is_quarantined(
     assert m["rows_quarantined"] == bad_rows
     assert m["rows"] == 200 - bad_rows
     assert m["failure_sample"], "a quarantine must say why"
-    manifest, data = io.partition_store().read(["scores"], DAY, role="quarantine")
-    quarantine = pipeline.pd.read_parquet(pipeline.io_bytes(data))
+    _, quarantine = io.partition_store().load(["scores"], DAY, role="quarantine")
     assert len(quarantine) == bad_rows and set(quarantine.batch) == {4}
     assert all(json.loads(f) for f in quarantine.failures)
     [check] = result.get_asset_check_evaluations()

@@ -43,6 +43,15 @@ def encode(obj: Any) -> Encoded:
     return Encoded(records.FORMAT, records.EXTENSION, data, rows)
 
 
+def format_of(name: str) -> str:
+    """The format of an extra object (quarantine...) from its file name's extension."""
+    ext = name.rsplit(".", 1)[-1]
+    known = {parquet.EXTENSION: parquet.FORMAT, records.EXTENSION: records.FORMAT}
+    if ext not in known:
+        raise ConfigError(f"cannot tell the format of stored object {name!r}")
+    return known[ext]
+
+
 def decode(format_name: str, data: bytes) -> Any:
     """The object ``encode`` turned into ``data`` with format ``format_name``."""
     if format_name == parquet.FORMAT:

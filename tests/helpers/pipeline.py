@@ -115,8 +115,3 @@ def misbehave(out: pd.DataFrame, index: int) -> pd.DataFrame:
             out = out.iloc[:-3]
     return out
 
-
-def io_bytes(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
