@@ -7,6 +7,7 @@ from longrun_dagster.commit import PartitionStore as PartitionStore
 from longrun_dagster.errors import CommitConflict as CommitConflict
 from longrun_dagster.errors import ConfigError as ConfigError
 from longrun_dagster.errors import CorruptObject as CorruptObject
+from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
 from longrun_dagster.errors import LongrunError as LongrunError
 from longrun_dagster.errors import PartitionNotCommitted as PartitionNotCommitted
 from longrun_dagster.errors import Preempted as Preempted
@@ -15,6 +16,7 @@ from longrun_dagster.errors import StorageError as StorageError
 from longrun_dagster.errors import UnsupportedOutput as UnsupportedOutput
 from longrun_dagster.errors import ValidationFailed as ValidationFailed
 from longrun_dagster.io_manager import AtomicObjectStoreIOManager as AtomicObjectStoreIOManager
+from longrun_dagster.resources import GpuGuard as GpuGuard
 from longrun_dagster.stage import StageContext as StageContext
 from longrun_dagster.stage import model_stage as model_stage
 from longrun_dagster.storage import open_store as open_store
@@ -27,6 +29,8 @@ __all__ = [
     "CommitConflict",
     "ConfigError",
     "CorruptObject",
+    "GpuGuard",
+    "GpuMemoryExceeded",
     "LongrunError",
     "Manifest",
     "PartitionNotCommitted",

@@ -29,14 +29,25 @@ VALID, QUARANTINE, CASES = "valid", "quarantine", "cases"
 _log = logging.getLogger("longrun_dagster.stage")
 
 
+@dataclass
+class StageRun:
+    """What hooks see: the stage's name, its progress, its log, what it declared."""
+
+    name: str
+    progress: "Progress"
+    log: Any
+    need_vram_bytes: int | None = None
+
+
 class StageHook(Protocol):
-    """Something called around every batch (the GPU guard, the heartbeat publisher)."""
+    """Something called around every batch (the GPU guard, the heartbeat publisher).
+    ``on_batch`` may raise to stop the stage; completed batches are checkpointed first."""
 
-    def on_start(self, progress: "Progress") -> None: ...
+    def on_start(self, run: StageRun) -> None: ...
 
-    def on_batch(self, progress: "Progress") -> None: ...
+    def on_batch(self, run: StageRun) -> None: ...
 
-    def on_end(self, progress: "Progress") -> dict[str, Any]: ...
+    def on_end(self, run: StageRun) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -115,7 +126,7 @@ class BatchLoop:
     def __init__(self, fn: BatchFn, frame: pd.DataFrame, *, batch_size: int,
                  schema: pa.DataFrameSchema, checkpointer: Checkpointer, cadence: Cadence,
                  hooks: Sequence[StageHook] = (), name: str = "stage",
-                 one_row_per_input: bool = True,
+                 one_row_per_input: bool = True, need_vram_bytes: int | None = None,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
@@ -125,6 +136,7 @@ class BatchLoop:
         self.one_row_per_input = one_row_per_input
         total = -(-len(self.frame) // batch_size)
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
+        self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes)
         self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
         self._pending = 0  # batches done since the last checkpoint
         self._saved_at = time.monotonic()
@@ -138,10 +150,10 @@ class BatchLoop:
     def run(self) -> Outcome:
         started = time.monotonic()
         self._resume()
-        for hook in self.hooks:
-            hook.on_start(self.progress)
         with _on_sigterm(self._sigterm):
             try:
+                for hook in self.hooks:
+                    hook.on_start(self.run_info)
                 self._loop()
             except BaseException:
                 self._save_completed("interrupted")  # lose no completed batch
@@ -151,7 +163,7 @@ class BatchLoop:
                 self.ckpt.close()
         meta: dict[str, Any] = {}
         for hook in self.hooks:
-            meta.update(hook.on_end(self.progress))
+            meta.update(hook.on_end(self.run_info))
         return Outcome(
             output=_concat(self._frames[VALID]), quarantine=_concat(self._frames[QUARANTINE]),
             failure_cases=_concat(self._frames[CASES]), rows_in=len(self.frame),
@@ -170,7 +182,7 @@ class BatchLoop:
             self._one_batch(index)
             per_batch = max(per_batch, time.monotonic() - began)
             for hook in self.hooks:
-                hook.on_batch(self.progress)
+                hook.on_batch(self.run_info)
             if self._pending >= self.cadence.every_batches or \
                     time.monotonic() - self._saved_at >= self.cadence.every_seconds:
                 self._save()

@@ -9,7 +9,6 @@ tested, on a machine without a GPU.
 import gc
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,7 +199,8 @@ class HostMemoryBackend:
 def _cgroup_limit() -> int | None:
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(path).read().strip()
+            with open(path) as limit_file:
+                text = limit_file.read().strip()
         except OSError:
             continue
         if text.isdigit() and int(text) < 2**60:
@@ -296,6 +296,12 @@ class VramGuard:
             )
         return reading
 
+    def observe(self) -> Reading:
+        """Read and record without acting (the baseline before the first batch)."""
+        reading = self.backend.read()
+        self._record(reading)
+        return reading
+
     def step(self) -> Reading | None:
         t = self.telemetry
         t.steps += 1
@@ -305,7 +311,10 @@ class VramGuard:
         if needs_cleanup(reading, self.thresholds):
             self.cleanup()
             t.cleanups += 1
-            reading = self.backend.read()
+            before, reading = reading, self.backend.read()
+            self.log.info(f"{self.backend.device}: {before.fraction:.0%} used, over the soft "
+                          f"threshold of {self.thresholds.soft:.0%}; cleaned up, now "
+                          f"{reading.fraction:.0%}")
         self._record(reading)
         if over_hard(reading, self.thresholds):
             raise GpuMemoryExceeded(
@@ -362,11 +371,3 @@ class VramGuard:
         if t.utilization_n:
             meta["gpu_utilization_mean"] = round(t.utilization_sum / t.utilization_n, 1)
         return meta
-
-
-def timed_step_cost(guard: VramGuard, steps: int = 1000) -> float:
-    """Seconds per ``guard.step()`` (for bench/)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        guard.step()
-    return (time.perf_counter() - start) / steps

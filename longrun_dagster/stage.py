@@ -22,6 +22,7 @@ from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.commit import Manifest, PartitionStore, describe
 from longrun_dagster.errors import (
     ConfigError,
+    GpuMemoryExceeded,
     PartitionNotCommitted,
     SegmentEnded,
     ValidationFailed,
@@ -73,6 +74,8 @@ class StageSpec:
     io_manager_key: str
     hook_resource_keys: Sequence[str]
     one_row_per_input: bool
+    need_vram_bytes: int | None
+    oom_retries: int
 
     def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
         """Code version + stage config + the data versions of the inputs actually read."""
@@ -97,6 +100,8 @@ def model_stage(
     checkpoint_every_seconds: float = 300.0,
     max_bad_fraction: float = 0.0,
     one_row_per_input: bool = True,
+    need_vram_mb: int | None = None,
+    oom_retries: int = 2,
     code_version: str = "1",
     config: Mapping[str, Any] | None = None,
     setup: SetupFn | None = None,
@@ -127,7 +132,10 @@ def model_stage(
     ``one_row_per_input`` (default) a batch output of the wrong length quarantines the
     batch's input rows; set it False for stages that filter or expand rows.
     ``setup(stage)`` runs once per computed partition; its result is ``stage.state``.
-    Resources under ``hook_resource_keys`` (GPU guard, heartbeat) are called every batch.
+    Resources under ``hook_resource_keys`` (``GpuGuard``, heartbeat) are called every
+    batch; a ``GpuMemoryExceeded`` from them checkpoints and asks Dagster for a retry (up
+    to ``oom_retries``; a fresh process under the default multiprocess executor).
+    ``need_vram_mb`` is checked by the guard before the first batch.
     """
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ConfigError(f"max_bad_fraction must be within 0..1, got {max_bad_fraction}; "
@@ -147,6 +155,8 @@ def model_stage(
             code_version=code_version, config=dict(config or {}), setup=setup,
             io_manager_key=io_manager_key, hook_resource_keys=list(hook_resource_keys),
             one_row_per_input=one_row_per_input,
+            need_vram_bytes=need_vram_mb * 2**20 if need_vram_mb else None,
+            oom_retries=oom_retries,
         )
 
         def compute(context: dg.AssetExecutionContext) -> Generator[Any, None, None]:
@@ -285,9 +295,13 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
     loop = BatchLoop(batch_fn, frame, batch_size=spec.batch_size, schema=spec.schema,
                      checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
                      name=f"{spec.name}[{stage.partition_key}]", log=context.log,
-                     one_row_per_input=spec.one_row_per_input)
+                     one_row_per_input=spec.one_row_per_input,
+                     need_vram_bytes=spec.need_vram_bytes)
     try:
         return loop.run()
+    except GpuMemoryExceeded as exc:
+        context.log.error(str(exc))
+        raise dg.RetryRequested(max_retries=spec.oom_retries, seconds_to_wait=1) from exc
     except SegmentEnded as exc:
         context.instance.add_run_tags(context.run.run_id, {CONTINUATION_TAG: "requested"})
         raise dg.Failure(description=str(exc), metadata={

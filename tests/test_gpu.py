@@ -1,0 +1,243 @@
+"""The VRAM guard: pure decisions, backend choice, and the guard for real on host memory."""
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+from longrun_dagster import AtomicObjectStoreIOManager, GpuGuard, GpuMemoryExceeded
+from longrun_dagster.errors import ConfigError
+from longrun_dagster.gpu import (
+    MB,
+    HostMemoryBackend,
+    Reading,
+    Thresholds,
+    VramGuard,
+    choose_backend,
+    is_leak,
+    leak_trend,
+    needs_cleanup,
+    over_hard,
+    visible_device,
+)
+from tests.helpers import pipeline
+
+GB = 1024 * MB
+
+
+# -- pure decisions ----------------------------------------------------------------------
+
+
+def test_thresholds_decide_cleanup_and_failure() -> None:
+    t = Thresholds(soft=0.8, hard=0.9)
+    assert not needs_cleanup(Reading(79, 100), t)
+    assert needs_cleanup(Reading(80, 100), t) and not over_hard(Reading(89, 100), t)
+    assert over_hard(Reading(90, 100), t)
+    with pytest.raises(ConfigError, match="soft <= hard"):
+        Thresholds(soft=0.95, hard=0.9)
+
+
+def test_steady_climb_is_a_leak_with_rate_and_eta() -> None:
+    samples = [(step, 1 * GB + step * 2 * MB) for step in range(1, 51)]
+    trend = leak_trend(samples, hard_bytes=2 * GB)
+    assert trend is not None
+    assert trend.mb_per_1000_steps == pytest.approx(2000, rel=1e-6)
+    assert trend.steps_to_hard == pytest.approx((1024 - 100) / 2, rel=1e-3)
+    assert is_leak(trend, min_mb_per_1000=256)
+
+
+def test_noise_and_sawtooth_are_not_leaks() -> None:
+    flat = [(s, GB + (s % 3) * MB) for s in range(1, 51)]
+    assert not is_leak(leak_trend(flat, 2 * GB), 256)
+    assert leak_trend(flat[:4], 2 * GB) is None  # too few samples to say
+
+
+def test_cuda_visible_devices_maps_logical_to_physical(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_device(1) == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    assert visible_device(0) == "GPU-aaaa"
+    with pytest.raises(ConfigError, match="not visible"):
+        visible_device(2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_device(1) == 1
+
+
+class Scripted:
+    """A backend that replays readings: decisions tested without a device."""
+
+    name = "scripted"
+    device = "scripted device"
+
+    def __init__(self, readings: list[int], total: int = 100) -> None:
+        self.readings, self.total, self.cleanups = list(readings), total, 0
+
+    def read(self) -> Reading:
+        return Reading(self.readings.pop(0), self.total)
+
+    def cleanup(self) -> None:
+        self.cleanups += 1
+
+
+def test_soft_threshold_cleans_up_and_rereads() -> None:
+    backend = Scripted([90, 50])
+    guard = VramGuard(backend, Thresholds(0.85, 0.95))
+    assert guard.step() == Reading(50, 100)
+    assert backend.cleanups == 1 and guard.telemetry.cleanups == 1
+
+
+def test_hard_threshold_after_cleanup_fails_with_numbers_and_fix() -> None:
+    guard = VramGuard(Scripted([99 * MB, 97 * MB], total=100 * MB), Thresholds(0.85, 0.95))
+    with pytest.raises(GpuMemoryExceeded) as err:
+        guard.step()
+    text = str(err.value)
+    for part in ("97 MiB of 100 MiB", "95%", "lower the batch size", "fresh process"):
+        assert part in text
+
+
+def test_sampling_every_n_steps_reads_less() -> None:
+    backend = Scripted([10] * 3)
+    guard = VramGuard(backend, Thresholds(), sample_every=10)
+    for _ in range(21):
+        guard.step()
+    assert backend.readings == [] and guard.telemetry.samples == 3
+
+
+def test_preflight_names_free_and_needed_memory() -> None:
+    guard = VramGuard(Scripted([90 * MB], total=100 * MB), Thresholds())
+    with pytest.raises(GpuMemoryExceeded, match="10 MiB free.*needs 50 MiB"):
+        guard.preflight(50 * MB)
+
+
+# -- backends on this machine -------------------------------------------------------------
+
+
+def test_auto_backend_falls_back_to_host_memory_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the gpu-marked tests cover it")
+    with caplog.at_level(logging.INFO):
+        backend = choose_backend("auto")
+    assert isinstance(backend, HostMemoryBackend)
+    assert "NVML unavailable" in caplog.text and "torch.cuda unavailable" in caplog.text
+    reading = backend.read()
+    assert 0 < reading.used < reading.total
+    with pytest.raises(ConfigError, match="'nvml' requested"):
+        choose_backend("nvml")
+
+
+def test_host_backend_sees_a_real_allocation() -> None:
+    backend = HostMemoryBackend()
+    before = backend.read().used
+    held = bytearray(os.urandom(1)) * (200 * MB)  # touched pages count in RSS
+    after = backend.read().used
+    assert after - before > 150 * MB
+    del held
+
+
+# -- the guard for real, on host memory, inside a stage -------------------------------------
+
+
+HOLD: list[bytearray] = []
+
+
+def test_growing_allocation_cleans_up_warns_then_fails_and_resumes(tmp_path: Path) -> None:
+    """A stage that holds ever more memory must be stopped before the OOM and resume."""
+    from longrun_dagster import model_stage
+
+    def leaking_setup(stage: Any) -> Any:
+        HOLD.clear()  # a fresh attempt starts clean, as a fresh process would
+        gc.collect()
+        return pipeline.load_model(stage)
+
+    def score_and_leak(batch: pd.DataFrame, stage: Any) -> pd.DataFrame:
+        block = bytearray(16 * MB)
+        block[::4096] = b"\x01" * len(block[::4096])  # touch every page: resident
+        HOLD.append(block)
+        return pipeline.score_batch(batch, stage)
+
+    stage = model_stage(upstream=pipeline.texts, schema=pipeline.Scored,
+                        partitions_def=pipeline.DAYS, batch_size=10,
+                        checkpoint_every_batches=100, checkpoint_every_seconds=3600,
+                        setup=leaking_setup, name="scores", hook_resource_keys=["gpu"],
+                        oom_retries=6)(score_and_leak)
+    gc.collect()
+    rss = psutil.Process().memory_info().rss
+    limit = rss + 400 * MB
+    guard = GpuGuard(backend="host", host_memory_limit_mb=limit // MB,
+                     soft_threshold=(rss + 48 * MB) / limit,
+                     hard_threshold=(rss + 120 * MB) / limit, leak_window_steps=5)
+    io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
+    clean = AtomicObjectStoreIOManager(base_uri=(tmp_path / "clean").as_uri())
+    day = "2024-01-02"
+    pipeline.CALLS.clear()
+    assert dg.materialize([pipeline.texts, pipeline.scores], partition_key=day,
+                          resources={"io_manager": clean}).success
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([pipeline.texts, stage], partition_key=day, instance=instance,
+                            resources={"io_manager": io, "gpu": guard})
+    assert result.success
+    HOLD.clear()
+    logs = "\n".join(e.user_message for e in instance.all_logs(result.run_id))
+    assert "host memory" in logs  # which backend, and why
+    assert "MB per 1,000 steps after cleanup" in logs  # the leak warning
+    assert "over the hard threshold" in logs
+    assert "over the soft threshold" in logs and "cleaned up" in logs
+    restarts = [e for e in result.all_events if e.event_type_value == "STEP_RESTARTED"]
+    assert restarts, "the hard threshold must end the attempt and retry"
+    assert "resuming from checkpoint" in logs
+    meta = {k: v.value for k, v in result.get_asset_materialization_events()[-1]
+            .step_materialization_data.materialization.metadata.items()}
+    assert meta["vram_backend"] == "host" and meta["vram_peak_mb"] > 0
+    assert {"vram_mean_mb", "vram_cleanups", "vram_leak_mb_per_1000_steps"} <= set(meta)
+    ours = io.partition_store().lookup(["scores"], day)
+    theirs = clean.partition_store().lookup(["scores"], day)
+    assert ours and theirs and ours.object().sha256 == theirs.object().sha256  # type: ignore[union-attr]
+
+
+# -- on a real GPU --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nvml", "torch"])
+def test_gpu_backends_read_the_device(kind: str) -> None:
+    backend = choose_backend(kind)
+    before = backend.read()
+    block = torch.empty(2 * GB, dtype=torch.uint8, device="cuda")
+    after = backend.read()
+    assert after.used - before.used >= 1.5 * GB
+    assert "H100" in backend.device or "H200" in backend.device or backend.device
+    del block
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_real_cuda_leak_is_reported_then_stopped_before_oom() -> None:
+    """A CUDA loop that keeps 512 MiB per step must be warned about, then failed."""
+    backend = choose_backend("nvml")
+    start = backend.read()
+    leak_budget = 24 * GB
+    hard = min(0.99, (start.used + leak_budget) / start.total)
+    soft = min(hard, (start.used + leak_budget / 2) / start.total)
+    guard = VramGuard(backend, Thresholds(soft, hard), leak_window=8,
+                      leak_mb_per_1000_steps=1000)
+    held = []
+    with pytest.raises(GpuMemoryExceeded, match="over the hard threshold"):
+        for _ in range(200):
+            held.append(torch.ones(512 * MB // 4, device="cuda"))
+            torch.cuda.synchronize()
+            guard.step()
+    assert guard.telemetry.cleanups > 0 and guard.telemetry.leak_warnings > 0
+    assert guard.trend is not None and guard.trend.mb_per_1000_steps > 400_000
+    print(f"leak {guard.trend.mb_per_1000_steps:.0f} MB/1000 steps, "
+          f"{guard.telemetry.steps} steps, peak {guard.telemetry.peak / GB:.1f} GiB")
+    held.clear()
+    torch.cuda.empty_cache()
