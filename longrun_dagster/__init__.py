@@ -1,46 +1,65 @@
 """longrun-dagster: long-running, multi-model batch pipelines on Dagster that survive
-timeouts, leaks, crashes, torn writes and bad model output."""
+timeouts, leaks, crashes, torn writes and bad model output.
 
-from longrun_dagster.checkpoint import Checkpointer as Checkpointer
-from longrun_dagster.commit import Manifest as Manifest
-from longrun_dagster.commit import PartitionStore as PartitionStore
-from longrun_dagster.errors import CommitConflict as CommitConflict
-from longrun_dagster.errors import ConfigError as ConfigError
-from longrun_dagster.errors import CorruptObject as CorruptObject
-from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
-from longrun_dagster.errors import LongrunError as LongrunError
-from longrun_dagster.errors import PartitionNotCommitted as PartitionNotCommitted
-from longrun_dagster.errors import Preempted as Preempted
-from longrun_dagster.errors import SegmentEnded as SegmentEnded
-from longrun_dagster.errors import StorageError as StorageError
-from longrun_dagster.errors import UnsupportedOutput as UnsupportedOutput
-from longrun_dagster.errors import ValidationFailed as ValidationFailed
-from longrun_dagster.io_manager import AtomicObjectStoreIOManager as AtomicObjectStoreIOManager
-from longrun_dagster.resources import GpuGuard as GpuGuard
-from longrun_dagster.stage import StageContext as StageContext
-from longrun_dagster.stage import model_stage as model_stage
-from longrun_dagster.storage import open_store as open_store
+Names are imported on first use, so ``import longrun_dagster.gpu`` (or the storage layer)
+does not pull in Dagster.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AtomicObjectStoreIOManager",
-    "Checkpointer",
-    "CommitConflict",
-    "ConfigError",
-    "CorruptObject",
-    "GpuGuard",
-    "GpuMemoryExceeded",
-    "LongrunError",
-    "Manifest",
-    "PartitionNotCommitted",
-    "PartitionStore",
-    "Preempted",
-    "SegmentEnded",
-    "StageContext",
-    "StorageError",
-    "UnsupportedOutput",
-    "ValidationFailed",
-    "model_stage",
-    "open_store",
-]
+_EXPORTS = {
+    "AtomicObjectStoreIOManager": "longrun_dagster.io_manager",
+    "Checkpointer": "longrun_dagster.checkpoint",
+    "CommitConflict": "longrun_dagster.errors",
+    "ConfigError": "longrun_dagster.errors",
+    "CorruptObject": "longrun_dagster.errors",
+    "GpuGuard": "longrun_dagster.resources",
+    "GpuMemoryExceeded": "longrun_dagster.errors",
+    "LongrunError": "longrun_dagster.errors",
+    "Manifest": "longrun_dagster.commit",
+    "PartitionNotCommitted": "longrun_dagster.errors",
+    "PartitionStore": "longrun_dagster.commit",
+    "Preempted": "longrun_dagster.errors",
+    "SegmentEnded": "longrun_dagster.errors",
+    "StageContext": "longrun_dagster.stage",
+    "StorageError": "longrun_dagster.errors",
+    "UnsupportedOutput": "longrun_dagster.errors",
+    "ValidationFailed": "longrun_dagster.errors",
+    "model_stage": "longrun_dagster.stage",
+    "open_store": "longrun_dagster.storage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'longrun_dagster' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from longrun_dagster.checkpoint import Checkpointer as Checkpointer
+    from longrun_dagster.commit import Manifest as Manifest
+    from longrun_dagster.commit import PartitionStore as PartitionStore
+    from longrun_dagster.errors import CommitConflict as CommitConflict
+    from longrun_dagster.errors import ConfigError as ConfigError
+    from longrun_dagster.errors import CorruptObject as CorruptObject
+    from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
+    from longrun_dagster.errors import LongrunError as LongrunError
+    from longrun_dagster.errors import PartitionNotCommitted as PartitionNotCommitted
+    from longrun_dagster.errors import Preempted as Preempted
+    from longrun_dagster.errors import SegmentEnded as SegmentEnded
+    from longrun_dagster.errors import StorageError as StorageError
+    from longrun_dagster.errors import UnsupportedOutput as UnsupportedOutput
+    from longrun_dagster.errors import ValidationFailed as ValidationFailed
+    from longrun_dagster.io_manager import AtomicObjectStoreIOManager as AtomicObjectStoreIOManager
+    from longrun_dagster.resources import GpuGuard as GpuGuard
+    from longrun_dagster.stage import StageContext as StageContext
+    from longrun_dagster.stage import model_stage as model_stage
+    from longrun_dagster.storage import open_store as open_store
