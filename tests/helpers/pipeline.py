@@ -78,7 +78,7 @@ def make_scores(**overrides: Any) -> dg.AssetsDefinition:
     options: dict[str, Any] = dict(
         upstream=texts, schema=Scored, partitions_def=DAYS, batch_size=10,
         checkpoint_every_batches=3, checkpoint_every_seconds=3600, max_bad_fraction=0.05,
-        code_version="1", setup=load_model, name="scores",
+        code_version="1", setup=load_model, name="scores", pool="gpu",
         sigterm_grace_seconds=float(os.environ.get("SIGTERM_GRACE", "20")),
     )
     options.update(overrides)
