@@ -1,17 +1,21 @@
-"""The example code location: a small chained pipeline on the embedded default storage.
+"""The example code location: records -> embeddings -> quality, on the embedded default.
 
 Load it with ``dagster dev -w workspace.yaml``; run it headless with ``./scripts/run``.
+Storage comes from $LONGRUN_BASE_URI (default: under $DAGSTER_HOME).
 """
 
 import dagster as dg
 
-from definitions.assets import DAYS, features, records
-from longrun_dagster import AtomicObjectStoreIOManager
+from definitions.assets import DAYS, embeddings, quality, records
+from longrun_dagster import AtomicObjectStoreIOManager, GpuGuard
 
 defs = dg.Definitions(
-    assets=[records, features],
-    resources={"io_manager": AtomicObjectStoreIOManager(
-        base_uri=dg.EnvVar("LONGRUN_BASE_URI").get_value() or None)},
+    assets=[records, embeddings, quality],
+    resources={
+        "io_manager": AtomicObjectStoreIOManager(
+            base_uri=dg.EnvVar("LONGRUN_BASE_URI").get_value() or None),
+        "gpu": GpuGuard(),
+    },
 )
 
 __all__ = ["DAYS", "defs"]

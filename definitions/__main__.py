@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     instance = dg.DagsterInstance.get()
     assets = list(defs.assets or [])
     resources = dict(defs.resources or {})
-    print(f"{'asset':<12} {'partition':<12} {'status':<10} {'rows':>6} {'bytes':>8}  uri")
+    print(f"{'asset':<12} {'partition':<12} {'status':<10} {'rows':>6} {'quarantined':>11} "
+          f"{'bytes':>8}  uri")
     for key in keys:
         result = dg.materialize(assets, partition_key=key, instance=instance,
                                 resources=resources, raise_on_error=False,
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             meta = {k: v.value for k, v in mat.metadata.items()}
             status = "reused" if meta.get("reused") else "committed"
             print(f"{mat.asset_key.to_user_string():<12} {key:<12} {status:<10} "
-                  f"{meta.get('rows', ''):>6} {meta.get('bytes', ''):>8}  {meta.get('uri', '')}")
+                  f"{meta.get('rows', ''):>6} {meta.get('rows_quarantined', ''):>11} "
+                  f"{meta.get('bytes', ''):>8}  {meta.get('uri', '')}")
         if not result.success:
             print(f"partition {key} failed; see the run in the Dagster UI "
                   f"(run id {result.run_id})", file=sys.stderr)
