@@ -69,7 +69,7 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------
 
     def save(self, step: int, state: Any = None, *,
-             new_shards: Sequence[tuple[str, bytes]] = (),
+             new_shards: Sequence[tuple[str, bytes | memoryview]] = (),
              metadata: dict[str, Any] | None = None) -> None:
         """Checkpoint after ``step``: ``state`` (DataFrame, tensor dict, JSON-able, or None)
         plus ``new_shards`` ((kind, bytes) pairs) appended to those of earlier saves."""
@@ -95,7 +95,7 @@ class Checkpointer:
                 self._pool.shutdown(wait=True)
 
     def _write(self, step: int, encoded: formats.Encoded | None,
-               new_shards: list[tuple[str, bytes]],
+               new_shards: list[tuple[str, bytes | memoryview]],
                metadata: dict[str, Any]) -> None:
         with self._lock:
             attempt = uuid.uuid4().hex[:12]
@@ -120,7 +120,7 @@ class Checkpointer:
             self.saves += 1
             self._prune()
 
-    def _put(self, name: str, role: str, data: bytes) -> StoredObject:
+    def _put(self, name: str, role: str, data: bytes | memoryview) -> StoredObject:
         put = self.store.put(self.prefix + name, data)
         return StoredObject(role, name, put.size, put.sha256)
 

@@ -207,7 +207,7 @@ class PartitionStore:
         self,
         asset: AssetPath,
         partition: str | None,
-        objects: Mapping[str, tuple[bytes, str]],
+        objects: Mapping[str, tuple[bytes | memoryview, str]],
         *,
         format: str,
         rows: int | None,

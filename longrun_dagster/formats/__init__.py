@@ -17,7 +17,7 @@ class Encoded:
 
     format: str
     extension: str
-    data: bytes
+    data: bytes | memoryview
     rows: int | None
 
 

@@ -8,13 +8,21 @@ FORMAT = "parquet"
 EXTENSION = "parquet"
 
 
-def dumps(frame: pd.DataFrame) -> bytes:
+def dumps(frame: pd.DataFrame) -> memoryview:
+    """Parquet bytes of ``frame``, written into one buffer sized up front: a growing
+    buffer plus a copy to ``bytes`` cost over half of a 256 MiB write (bench/io.py)."""
     table = pa.Table.from_pandas(frame, preserve_index=True)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy", write_statistics=True,
-                   use_dictionary=_dictionary_columns(table.schema))
-    data: bytes = sink.getvalue().to_pybytes()
-    return data
+    options = {"compression": "snappy", "write_statistics": True,
+               "use_dictionary": _dictionary_columns(table.schema)}
+    buffer = pa.allocate_buffer(int(table.nbytes * 1.1) + (1 << 20))
+    writer = pa.FixedSizeBufferWriter(buffer)
+    try:
+        pq.write_table(table, writer, **options)
+        return memoryview(buffer)[: writer.tell()]
+    except (pa.ArrowInvalid, OSError):  # larger than the estimate: let the buffer grow
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **options)
+        return memoryview(sink.getvalue())
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -25,7 +33,7 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
             or pa.types.is_binary(f.type) or pa.types.is_dictionary(f.type)]
 
 
-def loads(data: bytes) -> pd.DataFrame:
+def loads(data: bytes | memoryview) -> pd.DataFrame:
     table = pq.read_table(pa.BufferReader(data))
     frame: pd.DataFrame = table.to_pandas()
     return frame
