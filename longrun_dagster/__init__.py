@@ -18,6 +18,8 @@ _EXPORTS = {
     "CorruptObject": "longrun_dagster.errors",
     "GpuGuard": "longrun_dagster.resources",
     "GpuMemoryExceeded": "longrun_dagster.errors",
+    "Heartbeat": "longrun_dagster.resources",
+    "LeaseLost": "longrun_dagster.errors",
     "LongrunError": "longrun_dagster.errors",
     "Manifest": "longrun_dagster.commit",
     "PartitionNotCommitted": "longrun_dagster.errors",
@@ -30,6 +32,7 @@ _EXPORTS = {
     "ValidationFailed": "longrun_dagster.errors",
     "model_stage": "longrun_dagster.stage",
     "open_store": "longrun_dagster.storage",
+    "stalled_run_sensor": "longrun_dagster.sensors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from longrun_dagster.errors import ConfigError as ConfigError
     from longrun_dagster.errors import CorruptObject as CorruptObject
     from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
+    from longrun_dagster.errors import LeaseLost as LeaseLost
     from longrun_dagster.errors import LongrunError as LongrunError
     from longrun_dagster.errors import PartitionNotCommitted as PartitionNotCommitted
     from longrun_dagster.errors import Preempted as Preempted
@@ -60,6 +64,8 @@ if TYPE_CHECKING:
     from longrun_dagster.errors import ValidationFailed as ValidationFailed
     from longrun_dagster.io_manager import AtomicObjectStoreIOManager as AtomicObjectStoreIOManager
     from longrun_dagster.resources import GpuGuard as GpuGuard
+    from longrun_dagster.resources import Heartbeat as Heartbeat
+    from longrun_dagster.sensors import stalled_run_sensor as stalled_run_sensor
     from longrun_dagster.stage import StageContext as StageContext
     from longrun_dagster.stage import model_stage as model_stage
     from longrun_dagster.storage import open_store as open_store

@@ -41,7 +41,8 @@ class StageRun:
 
 class StageHook(Protocol):
     """Something called around every batch (the GPU guard, the heartbeat publisher).
-    ``on_batch`` may raise to stop the stage; completed batches are checkpointed first."""
+    ``on_batch`` may raise to stop the stage; completed batches are checkpointed first.
+    ``on_end`` runs however the loop ended (its metadata is used only on success)."""
 
     def on_start(self, run: StageRun) -> None: ...
 
@@ -150,6 +151,7 @@ class BatchLoop:
     def run(self) -> Outcome:
         started = time.monotonic()
         self._resume()
+        meta: dict[str, Any] = {}
         with _on_sigterm(self._sigterm):
             try:
                 for hook in self.hooks:
@@ -161,9 +163,8 @@ class BatchLoop:
             finally:
                 self._done.set()
                 self.ckpt.close()
-        meta: dict[str, Any] = {}
-        for hook in self.hooks:
-            meta.update(hook.on_end(self.run_info))
+                for hook in self.hooks:  # always: a hook may run a thread (the watchdog)
+                    meta.update(hook.on_end(self.run_info))
         return Outcome(
             output=_concat(self._frames[VALID]), quarantine=_concat(self._frames[QUARANTINE]),
             failure_cases=_concat(self._frames[CASES]), rows_in=len(self.frame),

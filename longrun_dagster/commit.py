@@ -17,6 +17,7 @@ from longrun_dagster import formats
 from longrun_dagster.errors import (
     CommitConflict,
     CorruptObject,
+    LeaseLost,
     ObjectNotFound,
     PartitionNotCommitted,
 )
@@ -25,6 +26,7 @@ from longrun_dagster.storage.base import Sha256InBackground
 from longrun_dagster.storage.keys import UNPARTITIONED, partition_prefix
 
 MANIFEST = "_manifest.json"
+LEASE = "_lease.json"
 MANIFEST_VERSION = 1
 RESERVED_PREFIX = "_"  # names under a partition folder that are not attempt objects
 
@@ -196,6 +198,40 @@ class PartitionStore:
             )
         return manifest
 
+    def take_lease(self, asset: AssetPath, partition: str | None, run_id: str) -> int:
+        """Fence out earlier attempts: bump the partition's lease generation (conditional
+        write) and return it. A commit carrying an older generation raises ``LeaseLost``."""
+        key = self.prefix(asset, partition) + LEASE
+        while True:
+            current, token = self._lease(key)
+            generation = current + 1
+            body = json.dumps({"generation": generation, "run_id": run_id}).encode()
+            try:
+                self.store.put(key, body, if_absent=token is None, if_match=token)
+                return generation
+            except CommitConflict:
+                continue  # another attempt took it at the same moment: take the next one
+
+    def check_lease(self, asset: AssetPath, partition: str | None, generation: int) -> None:
+        """Raise ``LeaseLost`` if a newer attempt took the partition's lease."""
+        key = self.prefix(asset, partition) + LEASE
+        current, _ = self._lease(key)
+        if current != generation:
+            holder = json.loads(self.store.get(key)[0]).get("run_id", "?")
+            raise LeaseLost(
+                f"{describe(asset, partition)}: this attempt holds lease generation "
+                f"{generation}, but run {holder} took generation {current} since; a newer "
+                "attempt owns the partition, so this one must not commit (nothing to do: "
+                "the newer attempt commits it)", uri=self.store.uri_of(key),
+            )
+
+    def _lease(self, key: str) -> tuple[int, str | None]:
+        try:
+            data, token = self.store.get(key)
+        except ObjectNotFound:
+            return 0, None
+        return int(json.loads(data)["generation"]), token
+
     def committed_with(
         self, asset: AssetPath, partition: str | None, fingerprint: str
     ) -> Manifest | None:
@@ -232,6 +268,8 @@ class PartitionStore:
         for role, (data, extension) in objects.items():
             put = self.store.put(f"{prefix}{role}-{attempt}.{extension}", data)
             stored.append(StoredObject(role, put.key.rsplit("/", 1)[1], put.size, put.sha256))
+        if generation is not None:
+            self.check_lease(asset, partition, generation)
         manifest = Manifest(
             asset=list(asset), partition=partition, format=format, objects=stored, rows=rows,
             fingerprint=fingerprint, run_id=run_id,

@@ -1,5 +1,8 @@
-"""Dagster resources: ``GpuGuard``, the VRAM guard a model stage calls every batch."""
+"""Dagster resources a model stage calls every batch: ``GpuGuard`` (VRAM) and ``Heartbeat``."""
 
+import os
+import socket
+import time
 from typing import Any
 
 import dagster as dg
@@ -62,3 +65,69 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def on_end(self, run: StageRun) -> dict[str, Any]:
         return self._guard.metadata() if self._guard is not None else {}
+
+
+HEARTBEAT_TAG = "longrun/heartbeat"
+"""Run tag: ``<time of last progress>|<batches done>/<batches total>|<pid>|<host>``."""
+STAGE_RUN_TAG = "longrun/stage_run"
+STALLED_TAG = "longrun/stalled"
+
+
+class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Progress heartbeats for model stages, and the in-process watchdog.
+
+    Publishes the time of the last completed batch as a run tag (one row of the runs
+    table: the stalled-run sensor reads all running runs in one query), and with
+    ``watchdog`` on, exits the process after ``stall_timeout_seconds`` without progress,
+    leaving every thread's stack in the run log."""
+
+    interval_seconds: float = Field(default=30.0, description="How often progress is "
+                                    "published (only when there was progress).")
+    stall_timeout_seconds: float = Field(default=900.0, description="No completed batch for "
+                                         "this long means stalled.")
+    watchdog: bool = Field(default=True, description="Exit a stalled process hard (frees its "
+                           "GPU); the stalled-run sensor then relaunches the partition.")
+
+    _instance: Any = PrivateAttr(default=None)
+    _run_id: str | None = PrivateAttr(default=None)
+    _dog: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._instance = context.instance
+        self._run_id = context.run.run_id if context.run else None
+
+    def on_start(self, run: StageRun) -> None:
+        from longrun_dagster.heartbeat import Watchdog
+
+        host, pid = socket.gethostname(), os.getpid()
+        total = run.progress.batches_total
+
+        def publish(at: float, counters: dict[str, Any]) -> None:
+            done = counters.get("batches_done", run.progress.batches_done)
+            self._tag({HEARTBEAT_TAG: f"{at:.3f}|{done}/{total}|{pid}|{host}",
+                       STAGE_RUN_TAG: "true"})
+
+        def stalled(stacks: str, silent_for: float) -> None:
+            run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
+                          f"{self.stall_timeout_seconds:.0f}s); exiting this process so the "
+                          f"stalled-run sensor can relaunch the partition. Thread stacks:\n"
+                          f"{stacks}")
+            self._tag({STALLED_TAG: f"{time.time():.3f}"})
+
+        self._dog = Watchdog(publish, interval=self.interval_seconds,
+                             stall_timeout=self.stall_timeout_seconds,
+                             enforce=self.watchdog, on_stall=stalled)
+        self._dog.start()
+
+    def on_batch(self, run: StageRun) -> None:
+        self._dog.progress(batches_done=run.progress.batches_done)
+
+    def on_end(self, run: StageRun) -> dict[str, Any]:
+        if self._dog is None:
+            return {}
+        self._dog.stop()
+        return {"heartbeats_published": self._dog.published}
+
+    def _tag(self, tags: dict[str, str]) -> None:
+        if self._instance is not None and self._run_id is not None:
+            self._instance.add_run_tags(self._run_id, tags)

@@ -213,6 +213,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
         return
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
+    generation = partitions.take_lease(asset, partition, context.run.run_id)
     frame = _read_upstream(spec, partitions, inputs)
     if spec.setup is not None:
         stage.state = spec.setup(stage)
@@ -224,6 +225,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
         expect=current.token if current is not None else None,
         extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
         metadata={k: v for k, v in meta.items() if k != "failure_sample"},
+        generation=generation,
         after_commit=lambda: clear_checkpoints(partitions, asset, partition),
     )
     yield _output(request, fingerprint, _dagster_metadata(meta))

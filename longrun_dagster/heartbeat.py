@@ -1,0 +1,88 @@
+"""Progress heartbeats and the in-process watchdog; no Dagster here.
+
+The stage loop calls ``progress()`` after every batch. A background thread publishes the
+*time of the last progress* (not the time it runs), so a live thread in a stuck process
+still reads as stalled; and when nothing progressed for ``stall_timeout`` seconds it dumps
+every thread's stack, reports the stall, and exits the process hard, so a hung CUDA call
+does not hold a GPU forever.
+"""
+
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+EXIT_STALLED = 70  # EX_SOFTWARE: the process ended itself because it stopped progressing
+
+
+def thread_stacks() -> str:
+    """Every thread's current stack, as text for the run log."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        stack = "".join(traceback.format_stack(frame))
+        parts.append(f"--- thread {names.get(ident, '?')} ({ident}) ---\n{stack}")
+    return "\n".join(parts)
+
+
+class Watchdog:
+    """Publishes progress every ``interval`` seconds (only when there was some) and exits
+    the process after ``stall_timeout`` seconds without progress (if ``enforce``)."""
+
+    def __init__(self, publish: Callable[[float, dict[str, Any]], None], *,
+                 interval: float, stall_timeout: float, enforce: bool = True,
+                 on_stall: Callable[[str, float], None] | None = None,
+                 exit: Callable[[int], None] = os._exit) -> None:
+        self.publish, self.interval, self.stall_timeout = publish, interval, stall_timeout
+        self.enforce, self.on_stall, self._exit = enforce, on_stall, exit
+        self.last_progress = time.time()
+        self.counters: dict[str, Any] = {}
+        self.published = 0
+        self._published_at = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="longrun-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._publish_now()
+        self._thread.start()
+
+    def progress(self, **counters: Any) -> None:
+        with self._lock:
+            self.last_progress = time.time()
+            self.counters = counters
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._publish_now()
+
+    def _run(self) -> None:
+        tick = max(0.05, min(self.interval, self.stall_timeout / 4))
+        while not self._stop.wait(tick):
+            now = time.time()
+            with self._lock:
+                last = self.last_progress
+            if last > self._published_at and now - self._published_at >= self.interval:
+                self._publish_now()
+            if self.enforce and now - last > self.stall_timeout:
+                self._stalled(now - last)
+                return
+
+    def _publish_now(self) -> None:
+        with self._lock:
+            last, counters = self.last_progress, dict(self.counters)
+        self.publish(last, counters)
+        self._published_at = last
+        self.published += 1
+
+    def _stalled(self, silent_for: float) -> None:
+        try:
+            if self.on_stall is not None:
+                self.on_stall(thread_stacks(), silent_for)
+        finally:
+            self._exit(EXIT_STALLED)

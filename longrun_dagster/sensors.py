@@ -1,0 +1,243 @@
+"""The stalled-run sensor: finds model-stage runs that stopped progressing (hung, frozen,
+killed, node gone), ends them, and relaunches the same partitions, which resume from
+their checkpoints.
+
+``find_stalled`` and ``plan`` are the decisions, as pure functions; ``stalled_run_sensor``
+is the Dagster shell that feeds them the instance's runs and carries them out.
+"""
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from longrun_dagster.resources import HEARTBEAT_TAG, STAGE_RUN_TAG, STALLED_TAG
+
+ATTEMPT_TAG = "longrun/attempt"
+RELAUNCHED_FROM_TAG = "longrun/relaunched_from"
+HANDLED_TAG = "longrun/stall_handled"
+PARTITION_TAG = "dagster/partition"
+LIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What the decisions need to know about a run."""
+
+    run_id: str
+    status: str
+    started_at: float | None
+    progress_at: float | None
+    pid: int | None
+    host: str | None
+    partition: str | None
+    assets: tuple[str, ...]
+    job_name: str = ""
+    attempt: int = 1
+    relaunched_from: str | None = None
+    handled: bool = False
+    stalled_at: float | None = None
+
+    @classmethod
+    def of(cls, run: dg.DagsterRun, started_at: float | None) -> "RunView":
+        tags = run.tags
+        progress_at = pid = host = None
+        if HEARTBEAT_TAG in tags:
+            at, _, pid_text, host = (tags[HEARTBEAT_TAG].split("|") + ["", "", "", ""])[:4]
+            progress_at, pid = float(at), int(pid_text) if pid_text.isdigit() else None
+        keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ())))
+        return cls(
+            run_id=run.run_id, status=run.status.value, started_at=started_at,
+            progress_at=progress_at, pid=pid, host=host or None,
+            partition=tags.get(PARTITION_TAG), assets=keys, job_name=run.job_name,
+            attempt=int(tags.get(ATTEMPT_TAG, "1")),
+            relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=HANDLED_TAG in tags,
+            stalled_at=float(tags[STALLED_TAG]) if STALLED_TAG in tags else None,
+        )
+
+
+@dataclass(frozen=True)
+class Stalled:
+    run: RunView
+    reason: str
+
+
+def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
+                 process_alive: Callable[[RunView], bool | None]) -> list[Stalled]:
+    """Running stage runs whose process is gone, or that made no progress for ``timeout``
+    seconds (measured from the last heartbeat, else the run's start)."""
+    found = []
+    for run in runs:
+        if run.handled or run.status not in ("STARTED", "STARTING"):
+            continue
+        alive = process_alive(run)
+        last = run.progress_at or run.started_at
+        if run.stalled_at is not None:
+            found.append(Stalled(run, "its watchdog reported a stall and exited the process"))
+        elif alive is False:
+            found.append(Stalled(run, f"its process {run.pid} on {run.host} is gone"))
+        elif last is not None and now - last > timeout:
+            found.append(Stalled(run, f"no progress for {now - last:.0f}s "
+                                      f"(stall timeout {timeout:.0f}s)"))
+    return found
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do about one stalled run: ``relaunch`` (with the next attempt number),
+    ``give_up`` (retry budget spent), or ``leave`` (committed, or a live run has it)."""
+
+    stalled: Stalled
+    action: str
+    attempt: int
+    why: str
+
+
+def plan(stalled: Stalled, live: Sequence[RunView], committed: bool, budget: int) -> Plan:
+    run = stalled.run
+    if committed:
+        return Plan(stalled, "leave", run.attempt, "its partition is committed already")
+    for other in live:
+        if other.run_id != run.run_id and other.partition == run.partition and \
+                set(other.assets) & set(run.assets):
+            return Plan(stalled, "leave", run.attempt,
+                        f"run {other.run_id} is already working on this partition")
+    if run.attempt >= budget:
+        return Plan(stalled, "give_up", run.attempt,
+                    f"attempt {run.attempt} of {budget} stalled; retry budget spent")
+    return Plan(stalled, "relaunch", run.attempt + 1, stalled.reason)
+
+
+def process_alive_here(run: RunView) -> bool | None:
+    """True/False for a process on this host; None when it cannot be told from here."""
+    if run.pid is None or run.host != socket.gethostname():
+        return None
+    try:
+        os.kill(run.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _not_zombie(run.pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def stalled_run_sensor(
+    *,
+    stall_timeout_seconds: float = 900.0,
+    retry_budget: int = 3,
+    minimum_interval_seconds: int = 30,
+    kill_grace_seconds: float = 10.0,
+    name: str = "longrun_stalled_runs",
+    target: Any = None,
+) -> dg.SensorDefinition:
+    """A sensor for ``dagster-daemon`` that ends stalled model-stage runs and relaunches
+    their partitions (tagged with the attempt number and the stalled run's id), up to
+    ``retry_budget`` attempts per partition. State lives in run tags, so the sensor
+    survives its own restarts. Use the same ``stall_timeout_seconds`` as the stages'
+    ``Heartbeat`` resource (or more)."""
+
+    @dg.sensor(name=name, minimum_interval_seconds=minimum_interval_seconds,
+               target=target or dg.AssetSelection.all(),
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Relaunches model-stage runs silent for over "
+                           f"{stall_timeout_seconds:.0f}s (retry budget {retry_budget}).")
+    def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+        instance = context.instance
+        runs = instance.get_runs(filters=dg.RunsFilter(statuses=list(LIVE),
+                                                       tags={STAGE_RUN_TAG: "true"}))
+        views = [RunView.of(r, _start_time(instance, r.run_id)) for r in runs]
+        stalled = find_stalled(views, time.time(), stall_timeout_seconds, process_alive_here)
+        if not stalled:
+            yield dg.SkipReason(f"{len(views)} stage run(s) running, none stalled")
+            return
+        for item in stalled:
+            decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
+            _end(instance, item, decision, kill_grace_seconds, context.log)
+            if decision.action == "relaunch":
+                yield _relaunch(item.run, decision)
+
+    return _sensor
+
+
+def _start_time(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    record = instance.get_run_record_by_id(run_id)
+    if record is None:
+        return None
+    return record.start_time or record.create_timestamp.timestamp()
+
+
+def _committed_since(instance: dg.DagsterInstance, run: RunView) -> bool:
+    """Whether every asset of the run got a materialization of its partition since the
+    run started (then the work is done and relaunching would only reuse it)."""
+    if not run.assets or run.started_at is None:
+        return False
+    for key in run.assets:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey.from_user_string(key),
+                                  asset_partitions=[run.partition] if run.partition else None,
+                                  after_timestamp=run.started_at), limit=1)
+        if not records.records:
+            return False
+    return True
+
+
+def _end(instance: dg.DagsterInstance, item: Stalled, decision: Plan, grace: float,
+         log: Any) -> None:
+    """Terminate the run, make sure its process is gone, mark it failed with the reason."""
+    run = item.run
+    instance.add_run_tags(run.run_id, {HANDLED_TAG: decision.action})
+    try:
+        instance.run_launcher.terminate(run.run_id)
+    except Exception as exc:  # noqa: BLE001 - a launcher that cannot terminate: escalate
+        log.warning(f"run launcher could not terminate {run.run_id}: {exc}")
+    if run.pid is not None and process_alive_here(run):
+        deadline = time.time() + grace
+        while time.time() < deadline and process_alive_here(run):
+            time.sleep(0.2)
+        if process_alive_here(run):
+            try:
+                os.kill(run.pid, signal.SIGKILL)  # SIGINT never reaches a thread stuck in C
+            except ProcessLookupError:
+                pass
+    dagster_run = instance.get_run_by_id(run.run_id)
+    history = _history(instance, run)
+    message = (f"longrun: run stalled ({item.reason}); {decision.action}: {decision.why}. "
+               f"Attempts of partition {run.partition}: {history}")
+    if dagster_run is not None and dagster_run.status in LIVE:
+        instance.report_run_failed(dagster_run, message=message)
+    log.info(message)
+
+
+def _history(instance: dg.DagsterInstance, run: RunView) -> str:
+    chain: list[str] = []
+    current: RunView | None = run
+    while current is not None:
+        chain.append(f"#{current.attempt} {current.run_id[:8]}")
+        parent = current.relaunched_from and instance.get_run_by_id(current.relaunched_from)
+        current = RunView.of(parent, None) if parent else None
+    return " <- ".join(chain)
+
+
+def _relaunch(run: RunView, decision: Plan) -> dg.RunRequest:
+    tags = {ATTEMPT_TAG: str(decision.attempt), RELAUNCHED_FROM_TAG: run.run_id}
+    key = f"relaunch-{run.run_id}"  # at most one relaunch per stalled run, ever
+    if run.assets:
+        return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
+                             asset_selection=[dg.AssetKey.from_user_string(k)
+                                              for k in run.assets])
+    return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
+                         job_name=run.job_name)

@@ -1,0 +1,104 @@
+"""Watchdog, stalled-run decisions (pure), and fencing leases."""
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from longrun_dagster import LeaseLost
+from longrun_dagster.commit import PartitionStore
+from longrun_dagster.heartbeat import EXIT_STALLED, Watchdog
+from longrun_dagster.sensors import RunView, Stalled, find_stalled, plan
+from longrun_dagster.storage import ObjectStore
+
+
+def test_watchdog_publishes_progress_time_not_liveness() -> None:
+    """A live thread in a stuck process must still read as stalled: publish progress only."""
+    published: list[float] = []
+    dog = Watchdog(lambda at, c: published.append(at), interval=0.05, stall_timeout=60,
+                   enforce=False)
+    dog.start()
+    time.sleep(0.3)  # no progress: nothing new published
+    assert len(published) == 1
+    dog.progress(batches_done=1)
+    time.sleep(0.2)
+    dog.stop()
+    assert len(published) >= 2 and published[-1] > published[0]
+
+
+def hung_batch(stop: threading.Event) -> None:
+    stop.wait(30)  # stands in for a CUDA call that never returns
+
+
+def test_watchdog_dumps_stacks_and_exits_on_stall() -> None:
+    stop = threading.Event()
+    worker = threading.Thread(target=hung_batch, args=(stop,), name="model-loop")
+    worker.start()
+    stalls: list[tuple[str, float]] = []
+    exits: list[int] = []
+    done = threading.Event()
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        done.set()
+
+    dog = Watchdog(lambda at, c: None, interval=0.05, stall_timeout=0.3,
+                   on_stall=lambda stacks, silent: stalls.append((stacks, silent)), exit=exit_)
+    dog.start()
+    assert done.wait(5)
+    stop.set()
+    worker.join()
+    assert exits == [EXIT_STALLED]
+    stacks, silent = stalls[0]
+    assert silent > 0.3 and "hung_batch" in stacks and "model-loop" in stacks
+
+
+def view(run_id: str, **kw: Any) -> RunView:
+    base: dict[str, Any] = dict(status="STARTED", started_at=1000.0, progress_at=None,
+                                pid=None, host=None, partition="2024-01-01",
+                                assets=("scores",))
+    base.update(kw)
+    return RunView(run_id, **base)
+
+
+def test_find_stalled_uses_last_progress_then_start_time() -> None:
+    runs = [view("fresh", progress_at=1950.0), view("silent", progress_at=1500.0),
+            view("never", started_at=1100.0), view("done", status="SUCCESS"),
+            view("handled", progress_at=10.0, handled=True)]
+    found = find_stalled(runs, now=2000.0, timeout=300, process_alive=lambda r: None)
+    assert [s.run.run_id for s in found] == ["silent", "never"]
+    assert "no progress for 500s" in found[0].reason
+
+
+def test_a_dead_process_is_stalled_at_once() -> None:
+    found = find_stalled([view("killed", progress_at=1999.0, pid=4242, host="h")],
+                         now=2000.0, timeout=300, process_alive=lambda r: False)
+    assert found and "process 4242 on h is gone" in found[0].reason
+
+
+def test_plan_relaunches_within_budget_never_twice_never_committed() -> None:
+    stalled = Stalled(view("a", attempt=1), "silent")
+    assert plan(stalled, [], committed=False, budget=3).action == "relaunch"
+    assert plan(stalled, [], committed=False, budget=3).attempt == 2
+    assert plan(stalled, [], committed=True, budget=3).action == "leave"
+    other = view("b", partition="2024-01-01")
+    assert plan(stalled, [other], committed=False, budget=3).action == "leave"
+    last = Stalled(view("c", attempt=3), "silent")
+    decision = plan(last, [], committed=False, budget=3)
+    assert decision.action == "give_up" and "retry budget" in decision.why
+
+
+def test_superseded_lease_cannot_commit(store: ObjectStore) -> None:
+    """A zombie attempt that wakes up after its replacement started must not commit."""
+    partitions = PartitionStore(store)
+    zombie = partitions.take_lease(["scores"], "p", "run-zombie")
+    newer = partitions.take_lease(["scores"], "p", "run-new")
+    assert newer == zombie + 1
+    with pytest.raises(LeaseLost, match="run-new took generation 2"):
+        partitions.commit(["scores"], "p", {"data": (b"old", "bin")}, format="bytes",
+                          rows=None, run_id="run-zombie", generation=zombie)
+    assert partitions.lookup(["scores"], "p") is None
+    partitions.commit(["scores"], "p", {"data": (b"new", "bin")}, format="bytes",
+                      rows=None, run_id="run-new", generation=newer)
+    assert partitions.read(["scores"], "p")[1] == b"new"
