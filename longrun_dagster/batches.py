@@ -37,6 +37,8 @@ class StageRun:
     progress: "Progress"
     log: Any
     need_vram_bytes: int | None = None
+    asset: str = ""
+    """The stage's asset key, as "a/b"."""
 
 
 class StageHook(Protocol):
@@ -128,6 +130,7 @@ class BatchLoop:
                  schema: pa.DataFrameSchema, checkpointer: Checkpointer, cadence: Cadence,
                  hooks: Sequence[StageHook] = (), name: str = "stage",
                  one_row_per_input: bool = True, need_vram_bytes: int | None = None,
+                 asset: str = "",
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
@@ -137,7 +140,7 @@ class BatchLoop:
         self.one_row_per_input = one_row_per_input
         total = -(-len(self.frame) // batch_size)
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
-        self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes)
+        self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset)
         self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
         self._pending = 0  # batches done since the last checkpoint
         self._saved_at = time.monotonic()

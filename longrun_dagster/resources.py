@@ -71,6 +71,8 @@ HEARTBEAT_TAG = "longrun/heartbeat"
 """Run tag: ``<time of last progress>|<batches done>/<batches total>|<pid>|<host>``."""
 STAGE_RUN_TAG = "longrun/stage_run"
 STALLED_TAG = "longrun/stalled"
+ASSETS_TAG = "longrun/assets"
+"""Run tag: the stage assets the run has started, comma-separated (for relaunching)."""
 
 
 class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -114,6 +116,11 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                           f"{stacks}")
             self._tag({STALLED_TAG: f"{time.time():.3f}"})
 
+        if self._instance is not None and self._run_id is not None:
+            dagster_run = self._instance.get_run_by_id(self._run_id)
+            seen = [a for a in (dagster_run.tags.get(ASSETS_TAG, "") if dagster_run else "")
+                    .split(",") if a]
+            self._tag({ASSETS_TAG: ",".join(sorted({*seen, run.asset}))})
         self._dog = Watchdog(publish, interval=self.interval_seconds,
                              stall_timeout=self.stall_timeout_seconds,
                              enforce=self.watchdog, on_stall=stalled)

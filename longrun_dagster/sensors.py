@@ -16,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from longrun_dagster.resources import HEARTBEAT_TAG, STAGE_RUN_TAG, STALLED_TAG
+from longrun_dagster.resources import ASSETS_TAG, HEARTBEAT_TAG, STAGE_RUN_TAG, STALLED_TAG
 
 ATTEMPT_TAG = "longrun/attempt"
 RELAUNCHED_FROM_TAG = "longrun/relaunched_from"
@@ -38,10 +38,10 @@ class RunView:
     host: str | None
     partition: str | None
     assets: tuple[str, ...]
-    job_name: str = ""
     attempt: int = 1
     relaunched_from: str | None = None
-    handled: bool = False
+    handled: str | None = None
+    """What the sensor decided for this run already (relaunch, give_up, leave)."""
     stalled_at: float | None = None
 
     @classmethod
@@ -51,13 +51,14 @@ class RunView:
         if HEARTBEAT_TAG in tags:
             at, _, pid_text, host = (tags[HEARTBEAT_TAG].split("|") + ["", "", "", ""])[:4]
             progress_at, pid = float(at), int(pid_text) if pid_text.isdigit() else None
-        keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ())))
+        keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ()))) or \
+            tuple(a for a in tags.get(ASSETS_TAG, "").split(",") if a)
         return cls(
             run_id=run.run_id, status=run.status.value, started_at=started_at,
             progress_at=progress_at, pid=pid, host=host or None,
-            partition=tags.get(PARTITION_TAG), assets=keys, job_name=run.job_name,
+            partition=tags.get(PARTITION_TAG), assets=keys,
             attempt=int(tags.get(ATTEMPT_TAG, "1")),
-            relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=HANDLED_TAG in tags,
+            relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=tags.get(HANDLED_TAG),
             stalled_at=float(tags[STALLED_TAG]) if STALLED_TAG in tags else None,
         )
 
@@ -71,11 +72,15 @@ class Stalled:
 def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
                  process_alive: Callable[[RunView], bool | None]) -> list[Stalled]:
     """Running stage runs whose process is gone, or that made no progress for ``timeout``
-    seconds (measured from the last heartbeat, else the run's start)."""
+    seconds (measured from the last heartbeat, else the run's start), and runs whose own
+    watchdog reported a stall (those may already show as failed)."""
     found = []
     for run in runs:
-        if run.handled or run.status not in ("STARTED", "STARTING"):
+        if run.handled:
             continue
+        if run.status not in ("STARTED", "STARTING") and not (
+                run.status == "FAILURE" and run.stalled_at is not None):
+            continue  # a failed run counts only when its own watchdog ended it
         alive = process_alive(run)
         last = run.progress_at or run.started_at
         if run.stalled_at is not None:
@@ -159,16 +164,21 @@ def stalled_run_sensor(
         instance = context.instance
         runs = instance.get_runs(filters=dg.RunsFilter(statuses=list(LIVE),
                                                        tags={STAGE_RUN_TAG: "true"}))
-        views = [RunView.of(r, _start_time(instance, r.run_id)) for r in runs]
-        stalled = find_stalled(views, time.time(), stall_timeout_seconds, process_alive_here)
-        if not stalled:
-            yield dg.SkipReason(f"{len(views)} stage run(s) running, none stalled")
-            return
-        for item in stalled:
+        failed = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
+                                                         tags={STAGE_RUN_TAG: "true"}),
+                                   limit=100)  # the watchdog's exits show up as failures
+        views = [RunView.of(r, _start_time(instance, r.run_id)) for r in [*runs, *failed]]
+        # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
+        # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
+        relaunch = [v for v in views if v.handled == "relaunch"]
+        for item in find_stalled(views, time.time(), stall_timeout_seconds, process_alive_here):
             decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
             _end(instance, item, decision, kill_grace_seconds, context.log)
             if decision.action == "relaunch":
-                yield _relaunch(item.run, decision)
+                relaunch.append(item.run)
+        if not relaunch:
+            yield dg.SkipReason(f"{len(views)} stage run(s) watched, none stalled")
+        yield from (_relaunch(v) for v in relaunch)
 
     return _sensor
 
@@ -232,12 +242,8 @@ def _history(instance: dg.DagsterInstance, run: RunView) -> str:
     return " <- ".join(chain)
 
 
-def _relaunch(run: RunView, decision: Plan) -> dg.RunRequest:
-    tags = {ATTEMPT_TAG: str(decision.attempt), RELAUNCHED_FROM_TAG: run.run_id}
+def _relaunch(run: RunView) -> dg.RunRequest:
+    tags = {ATTEMPT_TAG: str(run.attempt + 1), RELAUNCHED_FROM_TAG: run.run_id}
     key = f"relaunch-{run.run_id}"  # at most one relaunch per stalled run, ever
-    if run.assets:
-        return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
-                             asset_selection=[dg.AssetKey.from_user_string(k)
-                                              for k in run.assets])
     return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
-                         job_name=run.job_name)
+                         asset_selection=[dg.AssetKey.from_user_string(k) for k in run.assets])

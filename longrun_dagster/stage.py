@@ -298,7 +298,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
                      name=f"{spec.name}[{stage.partition_key}]", log=context.log,
                      one_row_per_input=spec.one_row_per_input,
-                     need_vram_bytes=spec.need_vram_bytes)
+                     need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string())
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:

@@ -1,0 +1,49 @@
+"""A code location for the end-to-end stalled-run tests (loaded by a real daemon).
+
+The stage hangs inside batch HANG_AT of the first attempt (while the HANG_MARKER file
+exists), the way a stuck CUDA call hangs: only the watchdog or the sensor can end it.
+"""
+
+import os
+import time
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, model_stage, stalled_run_sensor
+from tests.helpers import pipeline
+
+HANG_AT = 7
+
+
+def hanging_score(batch: pd.DataFrame, stage: Any) -> pd.DataFrame:
+    marker = os.environ.get("HANG_MARKER", "")
+    if stage.batch_index == HANG_AT and marker and os.path.exists(marker):
+        os.unlink(marker)
+        while True:
+            time.sleep(3600)
+    return pipeline.score_batch(batch, stage)
+
+
+scores = model_stage(
+    upstream=pipeline.texts, schema=pipeline.Scored, partitions_def=pipeline.DAYS,
+    batch_size=10, checkpoint_every_batches=2, checkpoint_every_seconds=3600,
+    setup=pipeline.load_model, name="scores", hook_resource_keys=["heartbeat"],
+)(hanging_score)
+
+stage_job = dg.define_asset_job("stage_job", selection=[scores],
+                                executor_def=dg.in_process_executor)
+STALL = float(os.environ.get("STALL_TIMEOUT", "4"))
+
+defs = dg.Definitions(
+    assets=[pipeline.texts, scores],
+    jobs=[stage_job],
+    sensors=[stalled_run_sensor(stall_timeout_seconds=STALL, minimum_interval_seconds=1,
+                                kill_grace_seconds=2)],
+    resources={
+        "io_manager": AtomicObjectStoreIOManager(),
+        "heartbeat": Heartbeat(interval_seconds=0.5, stall_timeout_seconds=STALL,
+                               watchdog=os.environ.get("WATCHDOG", "1") == "1"),
+    },
+)

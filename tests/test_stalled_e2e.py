@@ -1,0 +1,178 @@
+"""Stalled runs end to end: a real dagster-daemon runs the stalled-run sensor against a
+real instance; runs are submitted to the queued run coordinator as the UI submits them.
+
+Cases: a hang inside a batch (the watchdog exits; the sensor relaunches; the output equals
+a clean run), a run frozen with SIGSTOP (only the sensor can see it), and a run killed with
+kill -9.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from longrun_dagster import AtomicObjectStoreIOManager
+from longrun_dagster.sensors import ATTEMPT_TAG, RELAUNCHED_FROM_TAG
+from tests.helpers import pipeline
+
+ROOT = Path(__file__).parent.parent
+DAY = "2024-01-02"
+STALL = 4.0
+pytestmark = [pytest.mark.daemon, pytest.mark.timeout(240)]
+
+
+class Deployment:
+    """DAGSTER_HOME + a code location + a running dagster-daemon."""
+
+    def __init__(self, tmp: Path, *, watchdog: bool) -> None:
+        self.home = tmp / "home"
+        self.home.mkdir()
+        (self.home / "dagster.yaml").write_text(
+            "run_coordinator:\n  module: dagster._core.run_coordinator\n"
+            "  class: QueuedRunCoordinator\n  config:\n    dequeue_interval_seconds: 1\n"
+            "telemetry:\n  enabled: false\n")
+        self.workspace = tmp / "workspace.yaml"
+        self.workspace.write_text(json.dumps({"load_from": [{"python_module": {
+            "module_name": "tests.helpers.stall_defs", "working_directory": str(ROOT)}}]}))
+        self.base_uri = (tmp / "lr").as_uri()
+        self.marker = tmp / "hang-once"
+        self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "PYTHONPATH": str(ROOT),
+                    "LONGRUN_BASE_URI": self.base_uri, "HANG_MARKER": str(self.marker),
+                    "STALL_TIMEOUT": str(STALL), "WATCHDOG": "1" if watchdog else "0"}
+        io = AtomicObjectStoreIOManager(base_uri=self.base_uri)
+        assert dg.materialize([pipeline.texts], partition_key=DAY,
+                              resources={"io_manager": io}).success
+        self.daemon: subprocess.Popen[bytes] | None = None
+
+    def start_daemon(self) -> None:
+        with open(self.home / "daemon.log", "ab") as log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "dagster._daemon", "run", "-w", str(self.workspace)],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            os.killpg(self.daemon.pid, signal.SIGKILL)
+            self.daemon.wait(10)
+            self.daemon = None
+
+    def launch(self) -> None:
+        self.marker.touch()
+        subprocess.run(
+            [sys.executable, "-m", "dagster", "job", "launch", "-w", str(self.workspace),
+             "-j", "stage_job", "--tags", json.dumps({"dagster/partition": DAY})],
+            cwd=ROOT, env=self.env, check=True, capture_output=True)
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def runs(self) -> list[dg.DagsterRun]:
+        with self.instance() as instance:
+            return sorted(instance.get_runs(), key=lambda r: int(r.tags.get(ATTEMPT_TAG, 1)))
+
+    def wait(self, predicate: Any, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = predicate(self.runs())
+            if got:
+                return got
+            time.sleep(0.5)
+        log = (self.home / "daemon.log").read_text()[-3000:]
+        raise AssertionError(f"timed out waiting for {what}; runs "
+                             f"{[(r.run_id[:8], r.status.value, dict(r.tags)) for r in self.runs()]}"
+                             f"\ndaemon log tail:\n{log}")
+
+    def committed_sha(self) -> str:
+        manifest = AtomicObjectStoreIOManager(base_uri=self.base_uri).partition_store() \
+            .lookup(["scores"], DAY)
+        assert manifest is not None and manifest.object() is not None
+        return manifest.object().sha256  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def clean_sha(tmp_path: Path) -> str:
+    io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "clean").as_uri())
+    assert dg.materialize([pipeline.texts, pipeline.scores], partition_key=DAY,
+                          resources={"io_manager": io}).success
+    manifest = io.partition_store().lookup(["scores"], DAY)
+    assert manifest is not None and manifest.object() is not None
+    return manifest.object().sha256  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    d = Deployment(tmp_path, watchdog=getattr(request, "param", True))
+    d.start_daemon()
+    yield d
+    d.stop_daemon()
+
+
+def pid_of(run: dg.DagsterRun) -> int | None:
+    beat = run.tags.get("longrun/heartbeat", "")
+    parts = beat.split("|")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+
+
+def relaunched(runs: list[dg.DagsterRun]) -> dg.DagsterRun | None:
+    done = [r for r in runs if r.tags.get(RELAUNCHED_FROM_TAG)
+            and r.status == dg.DagsterRunStatus.SUCCESS]
+    return done[0] if done else None
+
+
+def test_hang_is_exited_by_the_watchdog_and_relaunched_to_the_same_output(
+    deployment: Deployment, clean_sha: str
+) -> None:
+    deployment.launch()
+    first = deployment.wait(lambda runs: runs and pid_of(runs[0]) and runs[0],
+                            60, "the first run to start its stage")
+    hung_at = time.time()
+    second = deployment.wait(relaunched, 120, "the relaunched run to finish")
+    runs = deployment.runs()
+    assert runs[0].run_id == first.run_id and runs[0].status == dg.DagsterRunStatus.FAILURE
+    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id and second.tags[ATTEMPT_TAG] == "2"
+    with deployment.instance() as instance:
+        logs = "\n".join(e.user_message for e in instance.all_logs(first.run_id))
+        record = instance.get_run_record_by_id(second.run_id)
+        second_logs = "\n".join(e.user_message for e in instance.all_logs(second.run_id))
+    assert "no progress for" in logs and "hanging_score" in logs  # the stacks, in the run log
+    assert "resuming from checkpoint" in second_logs
+    assert deployment.committed_sha() == clean_sha
+    assert record is not None and record.start_time is not None
+    print(f"hang -> relaunched run started: {record.start_time - hung_at:.1f}s "
+          f"(stall timeout {STALL}s, sensor interval 1s)")
+
+
+@pytest.mark.parametrize("deployment", [False], indirect=True)
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_frozen_or_killed_run_is_relaunched_by_the_sensor(
+    deployment: Deployment, clean_sha: str, how: str
+) -> None:
+    """Without a watchdog (or with a frozen/killed process) only the sensor can act."""
+    deployment.launch()
+    first = deployment.wait(lambda runs: runs and pid_of(runs[0]) and runs[0],
+                            60, "the first run to start its stage")
+    pid = pid_of(first)
+    assert pid is not None
+    time.sleep(1.0)
+    os.kill(pid, getattr(signal, how))
+    second = deployment.wait(relaunched, 120, "the relaunched run to finish")
+    runs = deployment.runs()
+    assert runs[0].status == dg.DagsterRunStatus.FAILURE
+    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id
+    if how == "SIGSTOP":  # the frozen process must not be left holding the device
+        with pytest.raises(ProcessLookupError):
+            for _ in range(20):
+                os.kill(pid, 0)
+                if open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z":
+                    raise ProcessLookupError
+                time.sleep(0.5)
+    assert deployment.committed_sha() == clean_sha
