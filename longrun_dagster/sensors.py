@@ -9,6 +9,7 @@ is the Dagster shell that feeds them the instance's runs and carries them out.
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ RELAUNCHED_FROM_TAG = "longrun/relaunched_from"
 HANDLED_TAG = "longrun/stall_handled"
 PARTITION_TAG = "dagster/partition"
 LIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
+        dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+        dg.DagsterRunStatus.CANCELING)
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,13 @@ class RunView:
     relaunched_from: str | None = None
     handled: str | None = None
     """What the sensor decided for this run already (relaunch, give_up, leave)."""
+    crashed: bool = False
+    """It failed with no step failure: its process died mid-step (kill -9, OOM killer)."""
     stalled_at: float | None = None
 
     @classmethod
-    def of(cls, run: dg.DagsterRun, started_at: float | None) -> "RunView":
+    def of(cls, run: dg.DagsterRun, started_at: float | None, crashed: bool = False
+           ) -> "RunView":
         tags = run.tags
         progress_at = pid = host = None
         if HEARTBEAT_TAG in tags:
@@ -60,6 +65,7 @@ class RunView:
             attempt=int(tags.get(ATTEMPT_TAG, "1")),
             relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=tags.get(HANDLED_TAG),
             stalled_at=float(tags[STALLED_TAG]) if STALLED_TAG in tags else None,
+            crashed=crashed,
         )
 
 
@@ -78,13 +84,15 @@ def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
     for run in runs:
         if run.handled:
             continue
-        if run.status not in ("STARTED", "STARTING") and not (
-                run.status == "FAILURE" and run.stalled_at is not None):
-            continue  # a failed run counts only when its own watchdog ended it
+        if run.status not in ("STARTED", "STARTING", "CANCELING") and not (
+                run.status == "FAILURE" and (run.stalled_at is not None or run.crashed)):
+            continue  # a failed run counts only when its process died or its watchdog fired
         alive = process_alive(run)
         last = run.progress_at or run.started_at
         if run.stalled_at is not None:
             found.append(Stalled(run, "its watchdog reported a stall and exited the process"))
+        elif run.crashed:
+            found.append(Stalled(run, "its process died in the middle of a step"))
         elif alive is False:
             found.append(Stalled(run, f"its process {run.pid} on {run.host} is gone"))
         elif last is not None and now - last > timeout:
@@ -132,12 +140,21 @@ def process_alive_here(run: RunView) -> bool | None:
     return _not_zombie(run.pid)
 
 
-def _not_zombie(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process state letter from /proc (R, S, D, T stopped, Z zombie), or ''."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
+            return stat.read().split(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _not_zombie(pid: int) -> bool:
+    return _state(pid) != "Z"
+
+
+def _stopped(pid: int) -> bool:
+    return _state(pid) in ("T", "t")
 
 
 def stalled_run_sensor(
@@ -167,7 +184,9 @@ def stalled_run_sensor(
         failed = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
                                                          tags={STAGE_RUN_TAG: "true"}),
                                    limit=100)  # the watchdog's exits show up as failures
-        views = [RunView.of(r, _start_time(instance, r.run_id)) for r in [*runs, *failed]]
+        views = [RunView.of(r, _start_time(instance, r.run_id)) for r in runs]
+        views += [RunView.of(r, _start_time(instance, r.run_id), _crashed(instance, r))
+                  for r in failed if HANDLED_TAG not in r.tags]
         # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
         # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
         relaunch = [v for v in views if v.handled == "relaunch"]
@@ -190,6 +209,13 @@ def _start_time(instance: dg.DagsterInstance, run_id: str) -> float | None:
     return record.start_time or record.create_timestamp.timestamp()
 
 
+def _crashed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """A failed run with no STEP_FAILURE event: no code raised, the process died."""
+    failures = instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1).records
+    return not failures
+
+
 def _committed_since(instance: dg.DagsterInstance, run: RunView) -> bool:
     """Whether every asset of the run got a materialization of its partition since the
     run started (then the work is done and relaunching would only reuse it)."""
@@ -210,10 +236,12 @@ def _end(instance: dg.DagsterInstance, item: Stalled, decision: Plan, grace: flo
     """Terminate the run, make sure its process is gone, mark it failed with the reason."""
     run = item.run
     instance.add_run_tags(run.run_id, {HANDLED_TAG: decision.action})
-    try:
-        instance.run_launcher.terminate(run.run_id)
-    except Exception as exc:  # noqa: BLE001 - a launcher that cannot terminate: escalate
-        log.warning(f"run launcher could not terminate {run.run_id}: {exc}")
+    if run.pid is not None and process_alive_here(run) and _stopped(run.pid):
+        os.kill(run.pid, signal.SIGKILL)  # frozen (SIGSTOP): it can answer nothing, not even
+        # the launcher's terminate, which would block the code server waiting on it
+    else:  # terminate can still block on a hung worker: a thread of its own, then escalate
+        threading.Thread(target=_terminate, args=(instance, run.run_id, log),
+                         daemon=True).start()
     if run.pid is not None and process_alive_here(run):
         deadline = time.time() + grace
         while time.time() < deadline and process_alive_here(run):
@@ -230,6 +258,13 @@ def _end(instance: dg.DagsterInstance, item: Stalled, decision: Plan, grace: flo
     if dagster_run is not None and dagster_run.status in LIVE:
         instance.report_run_failed(dagster_run, message=message)
     log.info(message)
+
+
+def _terminate(instance: dg.DagsterInstance, run_id: str, log: Any) -> None:
+    try:
+        instance.run_launcher.terminate(run_id)
+    except Exception as exc:  # noqa: BLE001 - a launcher that cannot terminate: escalated
+        log.warning(f"run launcher could not terminate {run_id}: {exc}")
 
 
 def _history(instance: dg.DagsterInstance, run: RunView) -> str:

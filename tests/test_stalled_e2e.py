@@ -87,9 +87,9 @@ class Deployment:
                 return got
             time.sleep(0.5)
         log = (self.home / "daemon.log").read_text()[-3000:]
-        raise AssertionError(f"timed out waiting for {what}; runs "
-                             f"{[(r.run_id[:8], r.status.value, dict(r.tags)) for r in self.runs()]}"
-                             f"\ndaemon log tail:\n{log}")
+        runs = [(r.run_id[:8], r.status.value, dict(r.tags)) for r in self.runs()]
+        raise AssertionError(f"timed out waiting for {what}; runs {runs}\n"
+                             f"daemon log tail:\n{log}")
 
     def committed_sha(self) -> str:
         manifest = AtomicObjectStoreIOManager(base_uri=self.base_uri).partition_store() \
