@@ -32,11 +32,13 @@ pytestmark = [pytest.mark.daemon, pytest.mark.timeout(240)]
 class Deployment:
     """DAGSTER_HOME + a code location + a running dagster-daemon."""
 
-    def __init__(self, tmp: Path, *, watchdog: bool) -> None:
+    def __init__(self, tmp: Path, *, watchdog: bool, postgres_url: str | None = None) -> None:
         self.home = tmp / "home"
         self.home.mkdir()
+        storage = (f"storage:\n  postgres:\n    postgres_url: \"{postgres_url}\"\n"
+                   if postgres_url else "")
         (self.home / "dagster.yaml").write_text(
-            "run_coordinator:\n  module: dagster._core.run_coordinator\n"
+            storage + "run_coordinator:\n  module: dagster._core.run_coordinator\n"
             "  class: QueuedRunCoordinator\n  config:\n    dequeue_interval_seconds: 1\n"
             "telemetry:\n  enabled: false\n")
         self.workspace = tmp / "workspace.yaml"
@@ -108,9 +110,16 @@ def clean_sha(tmp_path: Path) -> str:
     return manifest.object().sha256  # type: ignore[union-attr]
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def storage(request: pytest.FixtureRequest) -> str | None:
+    """The Dagster instance's storage: SQLite, or a real PostgreSQL database."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+
+
 @pytest.fixture
 def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
-    d = Deployment(tmp_path, watchdog=getattr(request, "param", True))
+    url = request.getfixturevalue("storage") if "storage" in request.fixturenames else None
+    d = Deployment(tmp_path, watchdog=getattr(request, "param", True), postgres_url=url)
     d.start_daemon()
     yield d
     d.stop_daemon()
@@ -129,7 +138,7 @@ def relaunched(runs: list[dg.DagsterRun]) -> dg.DagsterRun | None:
 
 
 def test_hang_is_exited_by_the_watchdog_and_relaunched_to_the_same_output(
-    deployment: Deployment, clean_sha: str
+    storage: str | None, deployment: Deployment, clean_sha: str
 ) -> None:
     deployment.launch()
     first = deployment.wait(lambda runs: runs and pid_of(runs[0]) and runs[0],
@@ -175,4 +184,24 @@ def test_frozen_or_killed_run_is_relaunched_by_the_sensor(
                 if open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z":
                     raise ProcessLookupError
                 time.sleep(0.5)
+    assert deployment.committed_sha() == clean_sha
+
+
+def test_daemon_restart_mid_way_loses_no_relaunch(deployment: Deployment, clean_sha: str
+                                                  ) -> None:
+    """The sensor keeps its state in the instance: a daemon killed while a run hangs
+    relaunches it after its restart, once."""
+    deployment.launch()
+    deployment.wait(lambda runs: runs and pid_of(runs[0]) and runs[0], 60,
+                    "the first run to start its stage")
+    assert deployment.daemon is not None
+    os.kill(deployment.daemon.pid, signal.SIGKILL)  # the daemon only; its children live on
+    deployment.daemon.wait(10)
+    deployment.daemon = None
+    deployment.wait(lambda runs: runs[0].status == dg.DagsterRunStatus.FAILURE, 60,
+                    "the watchdog to end the hung run while no daemon runs")
+    deployment.start_daemon()
+    second = deployment.wait(relaunched, 120, "the relaunched run to finish")
+    assert int(second.tags[ATTEMPT_TAG]) == 2
+    assert len([r for r in deployment.runs() if r.tags.get(RELAUNCHED_FROM_TAG)]) == 1
     assert deployment.committed_sha() == clean_sha
