@@ -141,3 +141,25 @@ def test_sigterm_checkpoints_completed_batches_then_exits(
     assert again.finish() == 0, "".join(again.lines)
     assert again.resumed_from == completed, f"checkpoint {how} lost a completed batch"
     assert committed_sha(base_uri) == clean_sha
+
+
+def test_zombie_resumed_after_its_replacement_cannot_commit(tmp_path: Path,
+                                                            clean_sha: str) -> None:
+    """A frozen attempt that wakes after a newer attempt committed must be refused."""
+    base_uri = prepare(tmp_path, "lr")
+    zombie = StageProcess(base_uri, sleep=0.1)
+    zombie.wait_for_batch()
+    zombie.proc.send_signal(signal.SIGSTOP)
+    try:
+        replacement = StageProcess(base_uri, sleep=0)
+        assert replacement.finish() == 0, "".join(replacement.lines)
+        assert committed_sha(base_uri) == clean_sha
+    finally:
+        zombie.proc.send_signal(signal.SIGCONT)
+    assert zombie.finish() == 1
+    text = "".join(zombie.lines)
+    assert "LeaseLost" in text and "must not commit" in text
+    manifest = AtomicObjectStoreIOManager(base_uri=base_uri).partition_store().lookup(
+        ["scores"], DAY)
+    assert manifest is not None and manifest.generation == 2  # the replacement's lease
+    assert committed_sha(base_uri) == clean_sha
