@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -179,18 +180,28 @@ def stalled_run_sensor(
                            f"{stall_timeout_seconds:.0f}s (retry budget {retry_budget}).")
     def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
         instance = context.instance
-        runs = instance.get_runs(filters=dg.RunsFilter(statuses=list(LIVE),
-                                                       tags={STAGE_RUN_TAG: "true"}))
-        failed = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
-                                                         tags={STAGE_RUN_TAG: "true"}),
-                                   limit=100)  # the watchdog's exits show up as failures
-        views = [RunView.of(r, _start_time(instance, r.run_id)) for r in runs]
-        views += [RunView.of(r, _start_time(instance, r.run_id), _crashed(instance, r))
-                  for r in failed if HANDLED_TAG not in r.tags]
+        now = time.time()
+        stage = {STAGE_RUN_TAG: "true"}
+        live = instance.get_run_records(filters=dg.RunsFilter(statuses=list(LIVE), tags=stage))
+        # Failed runs matter when their watchdog or the OOM killer ended them; look at each
+        # failed run once (the cursor is the newest update seen), not on every tick.
+        since = float(context.cursor) if context.cursor else now - 86400
+        failed = instance.get_run_records(
+            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], tags=stage,
+                                  updated_after=datetime.fromtimestamp(since, UTC)),
+            limit=200)
+        views = [_view(rec) for rec in live]
+        views += [_view(rec, _crashed(instance, rec.dagster_run)) for rec in failed
+                  if HANDLED_TAG not in rec.dagster_run.tags]
+        if failed:
+            context.update_cursor(str(max(r.update_timestamp.timestamp() for r in failed)))
+        pending = instance.get_runs(filters=dg.RunsFilter(
+            tags={HANDLED_TAG: "relaunch"},
+            updated_after=datetime.fromtimestamp(now - 3600, UTC)), limit=100)
         # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
         # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
-        relaunch = [v for v in views if v.handled == "relaunch"]
-        for item in find_stalled(views, time.time(), stall_timeout_seconds, process_alive_here):
+        relaunch = [RunView.of(r, None) for r in pending]
+        for item in find_stalled(views, now, stall_timeout_seconds, process_alive_here):
             decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
             _end(instance, item, decision, kill_grace_seconds, context.log)
             if decision.action == "relaunch":
@@ -202,11 +213,9 @@ def stalled_run_sensor(
     return _sensor
 
 
-def _start_time(instance: dg.DagsterInstance, run_id: str) -> float | None:
-    record = instance.get_run_record_by_id(run_id)
-    if record is None:
-        return None
-    return record.start_time or record.create_timestamp.timestamp()
+def _view(record: Any, crashed: bool = False) -> RunView:
+    started = record.start_time or record.create_timestamp.timestamp()
+    return RunView.of(record.dagster_run, started, crashed)
 
 
 def _crashed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
