@@ -283,6 +283,10 @@ class PartitionStore:
             )
         except CommitConflict as exc:
             winner = self.lookup(asset, partition)
+            if winner is not None and winner.objects == stored:
+                # Our own manifest: the PUT landed but its answer was lost, and the
+                # client's retry of the conditional write was refused by it.
+                return winner
             by = f" by run {winner.run_id}" if winner else ""
             raise CommitConflict(
                 f"{describe(asset, partition)} was committed{by} while run {run_id} was "
