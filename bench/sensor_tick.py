@@ -17,8 +17,9 @@ from typing import Any
 import dagster as dg
 from dagster._core.test_utils import create_run_for_test
 
-from longrun_dagster.resources import HEARTBEAT_TAG, STAGE_RUN_TAG
 from longrun_dagster.sensors import LIVE, stalled_run_sensor
+from longrun_dagster.tags import HEARTBEAT as HEARTBEAT_TAG
+from longrun_dagster.tags import STAGE_RUN as STAGE_RUN_TAG
 
 
 def best(fn: Callable[[], Any], repeat: int = 5) -> float:
@@ -48,15 +49,17 @@ def main() -> None:
                               HEARTBEAT_TAG: f"{time.time():.3f}|3/20|1|elsewhere"})
                     ids.append(run.run_id)
                     instance.report_engine_event("progress", run)
-                filters = dg.RunsFilter(statuses=list(LIVE), tags={STAGE_RUN_TAG: "true"})
-                tags = best(lambda: [r.tags[HEARTBEAT_TAG]
-                                     for r in instance.get_runs(filters=filters)])
-                events = best(lambda: [instance.get_records_for_run(i, limit=1,
-                                                                    ascending=False)
-                                       for i in ids])
-                context = dg.build_sensor_context(instance=instance)
-                tick = best(lambda: list(sensor(context) or []))
-                print(f"{n:>5} {tags * 1e3:>18.1f} {events * 1e3:>20.1f} {tick * 1e3:>15.1f}")
+                print(f"{n:>5} " + measure(instance, ids, sensor))
+
+
+def measure(instance: dg.DagsterInstance, ids: list[str], sensor: Any) -> str:
+    filters = dg.RunsFilter(statuses=list(LIVE), tags={STAGE_RUN_TAG: "true"})
+    tags = best(lambda: [r.tags[HEARTBEAT_TAG] for r in instance.get_runs(filters=filters)])
+    events = best(lambda: [instance.get_records_for_run(i, limit=1, ascending=False)
+                           for i in ids])
+    context = dg.build_sensor_context(instance=instance)
+    tick = best(lambda: list(sensor(context) or []))
+    return f"{tags * 1e3:>18.1f} {events * 1e3:>20.1f} {tick * 1e3:>15.1f}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from longrun_dagster import tags
 from longrun_dagster.batches import StageRun
 from longrun_dagster.gpu import Thresholds, VramGuard, choose_backend
 
@@ -67,12 +68,8 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
         return self._guard.metadata() if self._guard is not None else {}
 
 
-HEARTBEAT_TAG = "longrun/heartbeat"
-"""Run tag: ``<time of last progress>|<batches done>/<batches total>|<pid>|<host>``."""
-STAGE_RUN_TAG = "longrun/stage_run"
-STALLED_TAG = "longrun/stalled"
-ASSETS_TAG = "longrun/assets"
-"""Run tag: the stage assets the run has started, comma-separated (for relaunching)."""
+HEARTBEAT_TAG = tags.HEARTBEAT
+STALLED_TAG = tags.STALLED
 
 
 class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -106,8 +103,7 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
 
         def publish(at: float, counters: dict[str, Any]) -> None:
             done = counters.get("batches_done", run.progress.batches_done)
-            self._tag({HEARTBEAT_TAG: f"{at:.3f}|{done}/{total}|{pid}|{host}",
-                       STAGE_RUN_TAG: "true"})
+            self._tag({HEARTBEAT_TAG: f"{at:.3f}|{done}/{total}|{pid}|{host}"})
 
         def stalled(stacks: str, silent_for: float) -> None:
             run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
@@ -116,11 +112,6 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                           f"{stacks}")
             self._tag({STALLED_TAG: f"{time.time():.3f}"})
 
-        if self._instance is not None and self._run_id is not None:
-            dagster_run = self._instance.get_run_by_id(self._run_id)
-            seen = [a for a in (dagster_run.tags.get(ASSETS_TAG, "") if dagster_run else "")
-                    .split(",") if a]
-            self._tag({ASSETS_TAG: ",".join(sorted({*seen, run.asset}))})
         self._dog = Watchdog(publish, interval=self.interval_seconds,
                              stall_timeout=self.stall_timeout_seconds,
                              enforce=self.watchdog, on_stall=stalled)

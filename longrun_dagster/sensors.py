@@ -18,11 +18,11 @@ from typing import Any
 
 import dagster as dg
 
-from longrun_dagster.resources import ASSETS_TAG, HEARTBEAT_TAG, STAGE_RUN_TAG, STALLED_TAG
+from longrun_dagster import tags as T
 
-ATTEMPT_TAG = "longrun/attempt"
-RELAUNCHED_FROM_TAG = "longrun/relaunched_from"
-HANDLED_TAG = "longrun/stall_handled"
+ATTEMPT_TAG = T.ATTEMPT
+RELAUNCHED_FROM_TAG = T.RELAUNCHED_FROM
+HANDLED_TAG = T.HANDLED
 PARTITION_TAG = "dagster/partition"
 LIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
         dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
@@ -47,6 +47,9 @@ class RunView:
     """What the sensor decided for this run already (relaunch, give_up, leave)."""
     crashed: bool = False
     """It failed with no step failure: its process died mid-step (kill -9, OOM killer)."""
+    continuation: bool = False
+    """Its time budget ended a segment and the partition asked to continue."""
+    segment: int = 1
     stalled_at: float | None = None
 
     @classmethod
@@ -54,19 +57,20 @@ class RunView:
            ) -> "RunView":
         tags = run.tags
         progress_at = pid = host = None
-        if HEARTBEAT_TAG in tags:
-            at, _, pid_text, host = (tags[HEARTBEAT_TAG].split("|") + ["", "", "", ""])[:4]
+        if T.HEARTBEAT in tags:
+            at, _, pid_text, host = (tags[T.HEARTBEAT].split("|") + ["", "", "", ""])[:4]
             progress_at, pid = float(at), int(pid_text) if pid_text.isdigit() else None
         keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ()))) or \
-            tuple(a for a in tags.get(ASSETS_TAG, "").split(",") if a)
+            tuple(a for a in tags.get(T.ASSETS, "").split(",") if a)
         return cls(
             run_id=run.run_id, status=run.status.value, started_at=started_at,
             progress_at=progress_at, pid=pid, host=host or None,
             partition=tags.get(PARTITION_TAG), assets=keys,
             attempt=int(tags.get(ATTEMPT_TAG, "1")),
             relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=tags.get(HANDLED_TAG),
-            stalled_at=float(tags[STALLED_TAG]) if STALLED_TAG in tags else None,
-            crashed=crashed,
+            stalled_at=float(tags[T.STALLED]) if T.STALLED in tags else None,
+            crashed=crashed, continuation=tags.get(T.CONTINUATION) == "requested",
+            segment=int(tags.get(T.SEGMENT, "1")),
         )
 
 
@@ -85,7 +89,7 @@ def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
     for run in runs:
         if run.handled:
             continue
-        if run.status not in ("STARTED", "STARTING", "CANCELING") and not (
+        if run.continuation or run.status not in ("STARTED", "STARTING", "CANCELING") and not (
                 run.status == "FAILURE" and (run.stalled_at is not None or run.crashed)):
             continue  # a failed run counts only when its process died or its watchdog fired
         alive = process_alive(run)
@@ -111,6 +115,11 @@ class Plan:
     action: str
     attempt: int
     why: str
+
+
+def continuations(runs: Iterable[RunView]) -> list[RunView]:
+    """Failed runs that ended a time-boxed segment on purpose and want the next one."""
+    return [r for r in runs if r.status == "FAILURE" and r.continuation and not r.handled]
 
 
 def plan(stalled: Stalled, live: Sequence[RunView], committed: bool, budget: int) -> Plan:
@@ -181,7 +190,7 @@ def stalled_run_sensor(
     def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
         instance = context.instance
         now = time.time()
-        stage = {STAGE_RUN_TAG: "true"}
+        stage = {T.STAGE_RUN: "true"}
         live = instance.get_run_records(filters=dg.RunsFilter(statuses=list(LIVE), tags=stage))
         # Failed runs matter when their watchdog or the OOM killer ended them; look at each
         # failed run once (the cursor is the newest update seen), not on every tick.
@@ -201,14 +210,24 @@ def stalled_run_sensor(
         # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
         # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
         relaunch = [RunView.of(r, None) for r in pending]
+        requests = [_continue(RunView.of(r, None)) for r in instance.get_runs(
+            filters=dg.RunsFilter(tags={HANDLED_TAG: "continue"},
+                                  updated_after=datetime.fromtimestamp(now - 3600, UTC)),
+            limit=100)]
+        for run in continuations(views):
+            decision = plan(Stalled(run, "segment ended"), views, False, budget=10**9)
+            if decision.action == "relaunch":
+                instance.add_run_tags(run.run_id, {HANDLED_TAG: "continue"})
+                requests.append(_continue(run))
         for item in find_stalled(views, now, stall_timeout_seconds, process_alive_here):
             decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
             _end(instance, item, decision, kill_grace_seconds, context.log)
             if decision.action == "relaunch":
                 relaunch.append(item.run)
-        if not relaunch:
+        requests += [_relaunch(v) for v in relaunch]
+        if not requests:
             yield dg.SkipReason(f"{len(views)} stage run(s) watched, none stalled")
-        yield from (_relaunch(v) for v in relaunch)
+        yield from requests
 
     return _sensor
 
@@ -291,3 +310,12 @@ def _relaunch(run: RunView) -> dg.RunRequest:
     key = f"relaunch-{run.run_id}"  # at most one relaunch per stalled run, ever
     return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
                          asset_selection=[dg.AssetKey.from_user_string(k) for k in run.assets])
+
+
+def _continue(run: RunView) -> dg.RunRequest:
+    """The next time-boxed segment of the partition (same attempt, next segment)."""
+    return dg.RunRequest(
+        run_key=f"continue-{run.run_id}", partition_key=run.partition,
+        asset_selection=[dg.AssetKey.from_user_string(k) for k in run.assets],
+        tags={ATTEMPT_TAG: str(run.attempt), T.SEGMENT: str(run.segment + 1),
+              RELAUNCHED_FROM_TAG: run.run_id})

@@ -17,6 +17,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from longrun_dagster import tags
 from longrun_dagster.batches import BatchLoop, Cadence, Outcome, StageHook
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.commit import Manifest, PartitionStore, describe
@@ -34,7 +35,6 @@ from longrun_dagster.validation import Schema, as_schema, failure_sample
 CHECK_NAME = "schema_valid_rows"
 CHECKPOINTS = "_checkpoints/"
 STAGE_TAG = "longrun/stage"
-CONTINUATION_TAG = "longrun/continuation"
 
 
 @dataclass
@@ -213,6 +213,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
         return
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
+    _tag_stage_run(context, spec)
     generation = partitions.take_lease(asset, partition, context.run.run_id)
     frame = _read_upstream(spec, partitions, inputs)
     if spec.setup is not None:
@@ -229,6 +230,13 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
         after_commit=lambda: clear_checkpoints(partitions, asset, partition),
     )
     yield _output(request, fingerprint, _dagster_metadata(meta))
+
+
+def _tag_stage_run(context: dg.AssetExecutionContext, spec: StageSpec) -> None:
+    """Mark the run as computing this stage, for the stalled-run sensor."""
+    seen = [a for a in context.run.tags.get(tags.ASSETS, "").split(",") if a]
+    context.instance.add_run_tags(context.run.run_id, {
+        tags.STAGE_RUN: "true", tags.ASSETS: ",".join(sorted({*seen, spec.key.to_user_string()}))})
 
 
 def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> PartitionStore:
@@ -305,7 +313,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
         context.log.error(str(exc))
         raise dg.RetryRequested(max_retries=spec.oom_retries, seconds_to_wait=1) from exc
     except SegmentEnded as exc:
-        context.instance.add_run_tags(context.run.run_id, {CONTINUATION_TAG: "requested"})
+        context.instance.add_run_tags(context.run.run_id, {tags.CONTINUATION: "requested"})
         raise dg.Failure(description=str(exc), metadata={
             "batches_done": exc.batches_done, "batches_total": exc.batches_total,
             "continuation": "requested",

@@ -53,6 +53,8 @@ class Deployment:
         assert dg.materialize([pipeline.texts], partition_key=DAY,
                               resources={"io_manager": io}).success
         self.daemon: subprocess.Popen[bytes] | None = None
+        with self.instance() as instance:  # create the schema before two processes race to
+            instance.get_runs(limit=1)     # (SQLite: concurrent first migrations corrupt it)
 
     def start_daemon(self) -> None:
         with open(self.home / "daemon.log", "ab") as log:
@@ -67,8 +69,9 @@ class Deployment:
             self.daemon.wait(10)
             self.daemon = None
 
-    def launch(self) -> None:
-        self.marker.touch()
+    def launch(self, hang: bool = True) -> None:
+        if hang:
+            self.marker.touch()
         subprocess.run(
             [sys.executable, "-m", "dagster", "job", "launch", "-w", str(self.workspace),
              "-j", "stage_job", "--tags", json.dumps({"dagster/partition": DAY})],
@@ -205,3 +208,25 @@ def test_daemon_restart_mid_way_loses_no_relaunch(deployment: Deployment, clean_
     assert int(second.tags[ATTEMPT_TAG]) == 2
     assert len([r for r in deployment.runs() if r.tags.get(RELAUNCHED_FROM_TAG)]) == 1
     assert deployment.committed_sha() == clean_sha
+
+
+def test_time_boxed_segments_are_continued_by_the_sensor(
+    tmp_path: Path, clean_sha: str
+) -> None:
+    """A platform job cap: each run ends its segment cleanly; the sensor starts the next."""
+    d = Deployment(tmp_path, watchdog=True)
+    d.env.update({"TIME_BUDGET": "3", "BATCH_SLEEP": "0.25"})
+    d.start_daemon()
+    try:
+        d.launch(hang=False)
+        final = d.wait(lambda runs: next((r for r in runs if r.status ==
+                                          dg.DagsterRunStatus.SUCCESS), None),
+                       180, "the last segment to finish")
+        runs = d.runs()
+    finally:
+        d.stop_daemon()
+    segments = sorted(runs, key=lambda r: int(r.tags.get("longrun/segment", 1)))
+    assert len(segments) >= 2 and segments[-1].run_id == final.run_id
+    for earlier in segments[:-1]:
+        assert earlier.tags.get("longrun/continuation") == "requested"
+    assert d.committed_sha() == clean_sha

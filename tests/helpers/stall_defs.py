@@ -30,6 +30,8 @@ scores = model_stage(
     upstream=pipeline.texts, schema=pipeline.Scored, partitions_def=pipeline.DAYS,
     batch_size=10, checkpoint_every_batches=2, checkpoint_every_seconds=3600,
     setup=pipeline.load_model, name="scores", hook_resource_keys=["heartbeat"],
+    time_budget_seconds=float(os.environ["TIME_BUDGET"]) if os.environ.get("TIME_BUDGET")
+    else None,
 )(hanging_score)
 
 stage_job = dg.define_asset_job("stage_job", selection=[scores],
