@@ -118,6 +118,7 @@ def model_stage(
     progress_every_seconds: float = 30.0,
     retry_policy: dg.RetryPolicy | None = None,
     tags: Mapping[str, str] | None = None,
+    op_tags: Mapping[str, Any] | None = None,
 ) -> Callable[[ModelFn], dg.AssetsDefinition]:
     """Decorate ``fn(batch, stage) -> DataFrame`` to make a crash-proof, validated asset.
 
@@ -171,7 +172,7 @@ def model_stage(
             io_manager_key=io_manager_key, code_version=code_version, pool=pool,
             group_name=group_name, retry_policy=retry_policy,
             description=description or (fn.__doc__ or "").strip() or None,
-            tags={STAGE_TAG: "true", **(tags or {})},
+            tags={STAGE_TAG: "true", **(tags or {})}, op_tags=dict(op_tags or {}),
             metadata={"longrun/batch_size": batch_size,
                       "longrun/max_bad_fraction": max_bad_fraction},
             check_specs=[dg.AssetCheckSpec(
