@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 from dagster_aws.s3 import S3PickleIOManager, S3Resource
+from timing import best
 from upath import UPath
 
 from longrun_dagster import AtomicObjectStoreIOManager
@@ -61,15 +61,6 @@ def contexts(run: str) -> tuple[dg.OutputContext, dg.InputContext]:
     inp = dg.build_input_context(asset_key="bench", partition_key="2024-01-01",
                                  asset_partitions_def=DAYS, upstream_output=out)
     return out, inp
-
-
-def best(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def io_manager_pair(io: Any, data: pd.DataFrame, repeat: int) -> tuple[float, float]:

@@ -11,24 +11,15 @@ reading each run's newest event instead (one query per run), and (c) a whole sen
 import argparse
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 from dagster._core.test_utils import create_run_for_test
+from timing import best
 
 from longrun_dagster.sensors import LIVE, stalled_run_sensor
 from longrun_dagster.tags import HEARTBEAT as HEARTBEAT_TAG
 from longrun_dagster.tags import STAGE_RUN as STAGE_RUN_TAG
-
-
-def best(fn: Callable[[], Any], repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
