@@ -11,7 +11,7 @@ when it had to fall back past a damaged one.
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +26,7 @@ CURSOR_PREFIX = "cursor-"
 SHARD = "shard:"
 STEP_DIGITS = 12
 _log = logging.getLogger("longrun_dagster.checkpoint")
+ShardData = bytes | memoryview | Callable[[], bytes | memoryview]
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,12 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------
 
     def save(self, step: int, state: Any = None, *,
-             new_shards: Sequence[tuple[str, bytes | memoryview]] = (),
+             new_shards: Sequence[tuple[str, "ShardData"]] = (),
              metadata: dict[str, Any] | None = None) -> None:
         """Checkpoint after ``step``: ``state`` (DataFrame, tensor dict, JSON-able, or None)
-        plus ``new_shards`` ((kind, bytes) pairs) appended to those of earlier saves."""
+        plus ``new_shards`` ((kind, bytes) pairs) appended to those of earlier saves. A
+        shard may be a function returning its bytes: it then runs in the writer thread, so
+        encoding does not hold up the caller either."""
         encoded = formats.encode(state) if state is not None else None
         job = (step, encoded, list(new_shards), dict(metadata or {}))
         if self._pool is None:
@@ -95,14 +98,15 @@ class Checkpointer:
                 self._pool.shutdown(wait=True)
 
     def _write(self, step: int, encoded: formats.Encoded | None,
-               new_shards: list[tuple[str, bytes | memoryview]],
+               new_shards: list[tuple[str, "ShardData"]],
                metadata: dict[str, Any]) -> None:
         with self._lock:
             attempt = uuid.uuid4().hex[:12]
             objects = list(self._shards)
             for i, (kind, shard) in enumerate(new_shards):
+                data = shard() if callable(shard) else shard
                 objects.append(self._put(f"shard-{step:0{STEP_DIGITS}d}-{i}-{attempt}.parquet",
-                                         f"{SHARD}{kind}", shard))
+                                         f"{SHARD}{kind}", data))
             shards = list(objects)
             fmt = "none"
             if encoded is not None:

@@ -37,3 +37,11 @@ def loads(data: bytes | memoryview) -> pd.DataFrame:
     table = pq.read_table(pa.BufferReader(data))
     frame: pd.DataFrame = table.to_pandas()
     return frame
+
+
+def normalised(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as ``loads(dumps(frame))`` returns it (pandas -> Arrow -> pandas), without
+    writing Parquet: what a checkpointed batch reads back as."""
+    table = pa.Table.from_pandas(frame, preserve_index=True)
+    out: pd.DataFrame = table.to_pandas()
+    return out
