@@ -41,6 +41,8 @@ class Watchdog:
         self.last_progress = time.time()
         self.counters: dict[str, Any] = {}
         self.published = 0
+        self.failed_publishes = 0
+        self.last_error: Exception | None = None
         self._published_at = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -76,7 +78,12 @@ class Watchdog:
     def _publish_now(self) -> None:
         with self._lock:
             last, counters = self.last_progress, dict(self.counters)
-        self.publish(last, counters)
+        try:
+            self.publish(last, counters)
+        except Exception as exc:  # noqa: BLE001 - a busy instance DB must not end the watchdog
+            self.failed_publishes += 1
+            self.last_error = exc
+            return  # retried at the next tick
         self._published_at = last
         self.published += 1
 

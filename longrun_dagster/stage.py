@@ -236,8 +236,12 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
 def _tag_stage_run(context: dg.AssetExecutionContext, spec: StageSpec) -> None:
     """Mark the run as computing this stage, for the stalled-run sensor."""
     seen = [a for a in context.run.tags.get(tags.ASSETS, "").split(",") if a]
-    context.instance.add_run_tags(context.run.run_id, {
-        tags.STAGE_RUN: "true", tags.ASSETS: ",".join(sorted({*seen, spec.key.to_user_string()}))})
+    try:
+        context.instance.add_run_tags(context.run.run_id, {
+            tags.STAGE_RUN: "true",
+            tags.ASSETS: ",".join(sorted({*seen, spec.key.to_user_string()}))})
+    except Exception as exc:  # noqa: BLE001 - advisory: the work matters more than the tag
+        context.log.warning(f"could not tag run for the stalled-run sensor: {exc}")
 
 
 def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> PartitionStore:

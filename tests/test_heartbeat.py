@@ -102,3 +102,22 @@ def test_superseded_lease_cannot_commit(store: ObjectStore) -> None:
     partitions.commit(["scores"], "p", {"data": (b"new", "bin")}, format="bytes",
                       rows=None, run_id="run-new", generation=newer)
     assert partitions.read(["scores"], "p")[1] == b"new"
+
+
+def test_a_failed_publish_is_retried_and_does_not_stop_the_watchdog() -> None:
+    """A locked instance DB once must not silence the heartbeat (the sensor would then kill
+    a healthy run)."""
+    calls: list[float] = []
+
+    def flaky(at: float, counters: dict[str, Any]) -> None:
+        calls.append(at)
+        if len(calls) == 2:
+            raise RuntimeError("database is locked")
+
+    dog = Watchdog(flaky, interval=0.05, stall_timeout=60, enforce=False)
+    dog.start()
+    dog.progress(batches_done=1)
+    time.sleep(0.4)
+    dog.stop()
+    assert dog.failed_publishes == 1 and dog.published >= 2
+    assert calls[2] == calls[1], "the failed publish must be retried with the same progress"

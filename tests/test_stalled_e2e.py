@@ -94,7 +94,25 @@ class Deployment:
         log = (self.home / "daemon.log").read_text()[-3000:]
         runs = [(r.run_id[:8], r.status.value, dict(r.tags)) for r in self.runs()]
         raise AssertionError(f"timed out waiting for {what}; runs {runs}\n"
-                             f"daemon log tail:\n{log}")
+                             f"run events:\n{self.failures()}\ndaemon log tail:\n{log}")
+
+    def failures(self) -> str:
+        """The last events of every failed run, errors included (for a failing test)."""
+        lines = []
+        with self.instance() as instance:
+            for run in instance.get_runs():
+                if run.status != dg.DagsterRunStatus.FAILURE:
+                    continue
+                lines.append(f"run {run.run_id[:8]}:")
+                for rec in instance.get_records_for_run(run.run_id, limit=8,
+                                                         ascending=False).records:
+                    event = rec.event_log_entry.dagster_event
+                    data = event.event_specific_data if event else None
+                    error = getattr(data, "error", None)
+                    lines.append(f"  {event.event_type_value if event else '-'} "
+                                 f"{rec.event_log_entry.user_message[:300]!r} "
+                                 f"{error.to_string()[:1500] if error else ''}")
+        return "\n".join(lines)
 
     def committed_sha(self) -> str:
         manifest = AtomicObjectStoreIOManager(base_uri=self.base_uri).partition_store() \
