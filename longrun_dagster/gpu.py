@@ -370,4 +370,8 @@ class VramGuard:
         }
         if t.utilization_n:
             meta["gpu_utilization_mean"] = round(t.utilization_sum / t.utilization_n, 1)
+        process_used = getattr(self.backend, "process_used", None)
+        mine = process_used() if process_used is not None else None
+        if mine is not None:
+            meta["vram_process_mb"] = round(mine / MB, 1)  # this process's share, per NVML
         return meta

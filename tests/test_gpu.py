@@ -201,3 +201,17 @@ def test_growing_allocation_cleans_up_warns_then_fails_and_resumes(tmp_path: Pat
     ours = io.partition_store().lookup(["scores"], day)
     theirs = clean.partition_store().lookup(["scores"], day)
     assert ours and theirs and ours.object().sha256 == theirs.object().sha256  # type: ignore[union-attr]
+
+
+def test_fail_on_leak_stops_before_the_oom() -> None:
+    """With fail_on_leak_within_steps, a climb projected to hit the hard threshold soon is
+    a retryable failure now, not an OOM later."""
+    climbing = [(10 + 2 * step) * MB for step in range(40)]
+    guard = VramGuard(Scripted(climbing, total=100 * MB), Thresholds(0.9, 0.95),
+                      leak_window=10, leak_mb_per_1000_steps=100,
+                      fail_on_leak_within_steps=20)
+    with pytest.raises(GpuMemoryExceeded, match="failing before the OOM"):
+        for _ in range(40):
+            guard.step()
+    assert guard.trend is not None and guard.trend.steps_to_hard is not None
+    assert guard.trend.steps_to_hard <= 20 and guard.telemetry.steps < 40
