@@ -59,8 +59,8 @@ class LocalStore(ObjectStore):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-            self._write_durably(tmp, data)
-            try:
+            try:  # a failed write (disk full) must not leave its partial temp file behind
+                self._write_durably(tmp, data)
                 token = self._publish(tmp, path, if_absent=if_absent, if_match=if_match)
             finally:
                 tmp.unlink(missing_ok=True)
