@@ -90,7 +90,7 @@ class Deployment:
             got = predicate(self.runs())
             if got:
                 return got
-            time.sleep(0.5)
+            time.sleep(1.0)  # each look opens the instance: keep SQLite contention low
         log = (self.home / "daemon.log").read_text()[-3000:]
         runs = [(r.run_id[:8], r.status.value, dict(r.tags)) for r in self.runs()]
         raise AssertionError(f"timed out waiting for {what}; runs {runs}\n"
