@@ -12,11 +12,8 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,8 @@ import boto3
 import dagster as dg
 import numpy as np
 import pandas as pd
+from common import best, start_moto
 from dagster_aws.s3 import S3PickleIOManager, S3Resource
-from timing import best
 from upath import UPath
 
 from longrun_dagster import AtomicObjectStoreIOManager
@@ -84,22 +81,6 @@ def dd_write(path: Path, size_mb: int, repeat: int) -> float:
     src.write_bytes(os.urandom(size_mb * MB))
     cmd = ["dd", f"if={src}", f"of={path}", "bs=16M", "conv=fsync", "status=none"]
     return best(lambda: subprocess.run(cmd, check=True), repeat)
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def main() -> None:

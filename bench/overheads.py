@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
-from timing import best
+from common import best
 
 from longrun_dagster.batches import BatchLoop, Cadence
 from longrun_dagster.checkpoint import Checkpointer

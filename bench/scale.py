@@ -8,14 +8,10 @@ The stalled-run sensor's growth with running runs is in ``sensor_tick.py``.
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 
 import boto3
-from timing import best
+from common import best, start_moto
 
 from longrun_dagster.commit import PartitionStore
 from longrun_dagster.storage import LocalStore, ObjectStore, S3Store
@@ -43,21 +39,6 @@ def reuse_check_ms(partitions: PartitionStore, n: int) -> float:
     return best(lambda: partitions.committed_with(["stage"], probe, fingerprint), 20) * 1e3
 
 
-def moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10,100,1000,10000")
@@ -71,7 +52,7 @@ def main() -> None:
         return
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, "testing")
-    proc, endpoint = moto()
+    proc, endpoint = start_moto()
     try:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="scale")

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import dagster as dg
+from common import best
 from dagster._core.test_utils import create_run_for_test
-from timing import best
 
 from longrun_dagster.sensors import LIVE, stalled_run_sensor
 from longrun_dagster.tags import HEARTBEAT as HEARTBEAT_TAG
