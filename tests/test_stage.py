@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from longrun_dagster import AtomicObjectStoreIOManager
@@ -46,11 +47,7 @@ def meta(result: dg.ExecuteInProcessResult, asset: str = "scores") -> dict[str, 
 
 
 def committed_sha(io: AtomicObjectStoreIOManager, asset: str = "scores") -> str:
-    manifest = io.partition_store().lookup([asset], DAY)
-    assert manifest is not None
-    data = manifest.object("data")
-    assert data is not None
-    return data.sha256
+    return pipeline.committed_sha(io, DAY, asset)
 
 
 def test_recommit_reuses_without_calling_the_model(io: AtomicObjectStoreIOManager) -> None:
@@ -206,3 +203,23 @@ def test_progress_is_logged_with_rate_and_eta(io: AtomicObjectStoreIOManager) ->
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
     progress = [m for m in messages if "rows/s" in m]
     assert progress and "ETA" in progress[0] and "/200 rows" in progress[0]
+
+
+def test_unpartitioned_stage_over_an_unpartitioned_upstream(
+    io: AtomicObjectStoreIOManager,
+) -> None:
+    """The upstream-partition lookup must handle assets without partitions."""
+
+    @dg.asset
+    def all_texts() -> pd.DataFrame:
+        return pd.DataFrame({"id": [f"r{i}" for i in range(25)],
+                                      "text": ["red green blue"] * 25})
+
+    whole = make_scores(upstream=all_texts, partitions_def=None, name="whole_scores")
+    first = dg.materialize([all_texts, whole], resources={"io_manager": io})
+    assert first.success and meta(first, "whole_scores")["rows"] == 25
+    pipeline.CALLS.clear()
+    again = dg.materialize([all_texts, whole], resources={"io_manager": io},
+                           selection=[whole])
+    assert again.success and pipeline.CALLS == []
+    assert meta(again, "whole_scores")["reused"] is True

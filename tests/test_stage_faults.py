@@ -28,12 +28,7 @@ SLOW = os.environ.get("LONGRUN_SLOW") == "1"
 
 
 def committed_sha(base_uri: str) -> str:
-    manifest = AtomicObjectStoreIOManager(base_uri=base_uri).partition_store().lookup(
-        ["scores"], DAY)
-    assert manifest is not None
-    data = manifest.object("data")
-    assert data is not None
-    return data.sha256
+    return pipeline.committed_sha(base_uri, DAY)
 
 
 def prepare(tmp_path: Path, name: str) -> str:

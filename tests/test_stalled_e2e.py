@@ -115,10 +115,7 @@ class Deployment:
         return "\n".join(lines)
 
     def committed_sha(self) -> str:
-        manifest = AtomicObjectStoreIOManager(base_uri=self.base_uri).partition_store() \
-            .lookup(["scores"], DAY)
-        assert manifest is not None and manifest.object() is not None
-        return manifest.object().sha256  # type: ignore[union-attr]
+        return pipeline.committed_sha(self.base_uri, DAY)
 
 
 @pytest.fixture
@@ -126,9 +123,7 @@ def clean_sha(tmp_path: Path) -> str:
     io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "clean").as_uri())
     assert dg.materialize([pipeline.texts, pipeline.scores], partition_key=DAY,
                           resources={"io_manager": io}).success
-    manifest = io.partition_store().lookup(["scores"], DAY)
-    assert manifest is not None and manifest.object() is not None
-    return manifest.object().sha256  # type: ignore[union-attr]
+    return pipeline.committed_sha(io, DAY)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -115,3 +115,17 @@ def misbehave(out: pd.DataFrame, index: int) -> pd.DataFrame:
             out = out.iloc[:-3]
     return out
 
+
+
+def committed_sha(base: Any, partition: str, asset: str = "scores") -> str:
+    """SHA-256 of a committed partition's data object (``base``: an IO manager or a base
+    URI); byte-identical output means equal digests."""
+    from longrun_dagster import AtomicObjectStoreIOManager
+
+    io = base if isinstance(base, AtomicObjectStoreIOManager) else \
+        AtomicObjectStoreIOManager(base_uri=base)
+    manifest = io.partition_store().lookup([asset], partition)
+    assert manifest is not None, f"{asset} {partition} is not committed"
+    data = manifest.object("data")
+    assert data is not None
+    return data.sha256
