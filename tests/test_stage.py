@@ -223,3 +223,34 @@ def test_unpartitioned_stage_over_an_unpartitioned_upstream(
                            selection=[whole])
     assert again.success and pipeline.CALLS == []
     assert meta(again, "whole_scores")["reused"] is True
+
+
+def test_stage_over_date_by_shard_partitions(io: AtomicObjectStoreIOManager) -> None:
+    """When one day outgrows one GPU, the README says to add a shard dimension; a stage
+    must not depend on the partition key's shape ("2024-01-02|b" holds a '|')."""
+    grid = dg.MultiPartitionsDefinition({
+        "date": dg.DailyPartitionsDefinition(start_date="2024-01-01", end_date="2024-01-03"),
+        "shard": dg.StaticPartitionsDefinition(["a", "b"]),
+    })
+
+    @dg.asset(partitions_def=grid)
+    def shard_texts(context: dg.AssetExecutionContext) -> pd.DataFrame:
+        key = context.partition_key
+        return pd.DataFrame({"id": [f"{key}-{i}" for i in range(30)],
+                             "text": [f"red {key} blue"] * 30})
+
+    sharded = make_scores(upstream=shard_texts, partitions_def=grid, name="shard_scores")
+    keys = [dg.MultiPartitionKey({"date": "2024-01-02", "shard": s}) for s in "ab"]
+    for key in keys:
+        done = dg.materialize([shard_texts, sharded], partition_key=key,
+                              resources={"io_manager": io})
+        assert done.success and meta(done, "shard_scores")["rows"] == 30
+    committed = {k: pipeline.committed_sha(io, k, "shard_scores") for k in keys}
+    assert len(set(committed.values())) == 2  # each shard its own data, none overwritten
+    _, stored = io.partition_store().load(["shard_scores"], keys[1])
+    assert set(stored.id.str.startswith("2024-01-02|b")) == {True}
+    pipeline.CALLS.clear()
+    again = dg.materialize([shard_texts, sharded], partition_key=keys[0],
+                           resources={"io_manager": io}, selection=[sharded])
+    assert again.success and pipeline.CALLS == []
+    assert meta(again, "shard_scores")["reused"] is True
