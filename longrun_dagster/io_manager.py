@@ -65,7 +65,8 @@ def materialization_metadata(
         "sha256": data.sha256 if data else "",
         "reused": reused,
         "committed_by_run": manifest.run_id,
-        "data_version": manifest.data_version,
+        # not "data_version": the UI already shows Dagster's data version (the fingerprint)
+        "content_version": manifest.data_version,
     }
     if manifest.rows is not None:
         meta["rows"] = manifest.rows
