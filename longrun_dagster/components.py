@@ -1,0 +1,234 @@
+"""``ModelStageComponent``: a ``model_stage`` declared in a ``defs.yaml`` instead of Python.
+
+    type: longrun_dagster.components.ModelStageComponent
+    attributes:
+      name: quality
+      fn: definitions.assets.score_quality
+      upstream: embeddings
+      schema: definitions.assets.Scored
+      partitions: definitions.assets.DAYS
+
+Registered through the ``dagster_dg_cli.registry_modules`` entry point, so ``dg list
+components`` shows it and ``dg check defs`` validates its YAML. Attributes are plain values
+(import paths, numbers); they are resolved and checked in ``build_defs``, and a bad one
+raises ``ConfigError`` naming the attribute, the value and the fix.
+"""
+
+import datetime
+import importlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field, field_validator
+
+from longrun_dagster.errors import ConfigError
+from longrun_dagster.stage import model_stage
+from longrun_dagster.validation import as_schema
+
+TIME_PARTITIONS: dict[str, Callable[..., dg.PartitionsDefinition]] = {
+    "hourly": dg.HourlyPartitionsDefinition,
+    "daily": dg.DailyPartitionsDefinition,
+    "weekly": dg.WeeklyPartitionsDefinition,
+    "monthly": dg.MonthlyPartitionsDefinition,
+}
+
+
+class TimePartitions(dg.Model):
+    """One partition per hour, day, week or month from ``start_date``."""
+
+    type: Literal["hourly", "daily", "weekly", "monthly"] = Field(
+        default="daily", description="Partition length: hourly, daily, weekly or monthly.")
+    start_date: str = Field(description="First partition, e.g. 2026-11-01.")
+    end_date: str | None = Field(
+        default=None, description="End (exclusive); unset: partitions keep coming up to now.")
+    timezone: str | None = Field(default=None, description="IANA timezone; default UTC.")
+
+    @field_validator("start_date", "end_date", mode="before")
+    @classmethod
+    def _iso(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2026-11-01 as a date, not a string
+        return value.isoformat() if isinstance(value, datetime.date) else value
+
+    def build(self) -> dg.PartitionsDefinition:
+        return TIME_PARTITIONS[self.type](start_date=self.start_date, end_date=self.end_date,
+                                          timezone=self.timezone)
+
+
+class StaticPartitions(dg.Model):
+    """A fixed list of partition keys."""
+
+    type: Literal["static"] = Field(description="static: the keys below, nothing else.")
+    partition_keys: list[str] = Field(description="The partition keys, e.g. [en, de, fr].")
+
+    def build(self) -> dg.PartitionsDefinition:
+        return dg.StaticPartitionsDefinition(self.partition_keys)
+
+
+class ModelStageComponent(dg.Component, dg.Resolvable, dg.Model):
+    """A crash-proof, validated model stage (longrun_dagster.model_stage) from configuration.
+
+    A partitioned asset that maps ``fn`` over batches of the committed rows of
+    ``upstream``, validates every output with ``schema``, checkpoints, and reuses
+    partitions already committed.
+    """
+
+    name: str = Field(description="Asset name (the asset key), e.g. quality.")
+    fn: str = Field(description=(
+        "Import path of the batch function fn(batch: DataFrame, stage: StageContext) -> "
+        "DataFrame, e.g. my_project.models.score_quality."))
+    upstream: str = Field(description=(
+        "Asset key of the input whose committed rows are read, e.g. embeddings or "
+        "raw/records."))
+    schema_: str = Field(alias="schema", description=(
+        "Import path of the pandera DataFrameModel or DataFrameSchema every output batch "
+        "must satisfy; invalid rows are quarantined."))
+    setup: str | None = Field(default=None, description=(
+        "Import path of setup(stage) -> state, run once per computed partition (load the "
+        "model); its result is stage.state."))
+    partitions: str | TimePartitions | StaticPartitions | None = Field(
+        default=None, description=(
+            "Import path of an existing PartitionsDefinition (use the upstream's, so "
+            "partitions map one to one), or {type: daily, start_date: 2026-11-01, "
+            "end_date: ...}, or {type: static, partition_keys: [...]}. Unset: unpartitioned."))
+    batch_size: int = Field(default=256, description="Rows per call of fn.")
+    checkpoint_every_batches: int = Field(default=10, description=(
+        "Save progress after this many batches (or checkpoint_every_seconds, whichever "
+        "comes first)."))
+    checkpoint_every_seconds: float = Field(default=300.0, description=(
+        "Save progress after this many seconds."))
+    max_bad_fraction: float = Field(default=0.0, description=(
+        "Fraction of output rows (0..1) that may fail the schema and be quarantined; past "
+        "it the partition fails and nothing is committed."))
+    one_row_per_input: bool = Field(default=True, description=(
+        "fn returns one row per input row; a batch of the wrong length is quarantined. "
+        "Set false for stages that filter or expand rows."))
+    code_version: str = Field(default="1", description=(
+        "Bump it when fn changes meaning: committed partitions of another code version are "
+        "recomputed."))
+    config: dict[str, Any] = Field(default_factory=dict, description=(
+        "Stage settings passed to fn as stage.config; part of the fingerprint, so a change "
+        "recomputes."))
+    hook_resource_keys: list[str] = Field(default_factory=list, description=(
+        "Resources called after every batch, e.g. [gpu, heartbeat] for GpuGuard and "
+        "Heartbeat."))
+    pool: str | None = Field(default=None, description=(
+        "Dagster concurrency pool, e.g. gpu (one slot per device) so two runs never share "
+        "a GPU."))
+    group_name: str | None = Field(default=None, description="Asset group in the Dagster UI.")
+    description: str | None = Field(default=None, description=(
+        "Asset description; default: the docstring of fn."))
+    tags: dict[str, str] = Field(default_factory=dict, description="Asset tags.")
+    op_tags: dict[str, Any] = Field(default_factory=dict, description=(
+        "Tags of the op that computes the asset (executor settings, ...)."))
+    need_vram_mb: int | None = Field(default=None, description=(
+        "GPU memory (MiB) the guard must see free before the first batch."))
+    oom_retries: int = Field(default=2, description=(
+        "Retries in a fresh process after the GPU guard reports memory over its hard "
+        "threshold."))
+    sigterm_grace_seconds: float = Field(default=20.0, description=(
+        "On SIGTERM (preemption), time allowed to checkpoint before stopping."))
+    time_budget_seconds: float | None = Field(default=None, description=(
+        "Per-run time box: checkpoint and end cleanly before this many seconds, so a "
+        "continuation run resumes the partition. Unset: no time box."))
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        return dg.Definitions(assets=[self.build_asset()])
+
+    def build_asset(self) -> dg.AssetsDefinition:
+        """The ``model_stage`` asset these attributes describe."""
+        self._check_numbers()
+        fn = _import(self.name, "fn", self.fn, callable, "a function")
+        setup = (_import(self.name, "setup", self.setup, callable, "a function")
+                 if self.setup else None)
+        return model_stage(
+            upstream=self._upstream(), schema=self._schema(), partitions_def=self._partitions(),
+            batch_size=self.batch_size, checkpoint_every_batches=self.checkpoint_every_batches,
+            checkpoint_every_seconds=self.checkpoint_every_seconds,
+            max_bad_fraction=self.max_bad_fraction, one_row_per_input=self.one_row_per_input,
+            need_vram_mb=self.need_vram_mb, oom_retries=self.oom_retries,
+            code_version=self.code_version, config=self.config, setup=setup, name=self.name,
+            group_name=self.group_name, description=self.description, pool=self.pool,
+            hook_resource_keys=self.hook_resource_keys,
+            sigterm_grace_seconds=self.sigterm_grace_seconds,
+            time_budget_seconds=self.time_budget_seconds, tags=self.tags, op_tags=self.op_tags,
+        )(fn)
+
+    def _check_numbers(self) -> None:
+        rules: list[tuple[str, float | None, bool, str]] = [
+            ("batch_size", self.batch_size, self.batch_size >= 1, "at least 1, e.g. 256"),
+            ("checkpoint_every_batches", self.checkpoint_every_batches,
+             self.checkpoint_every_batches >= 1, "at least 1, e.g. 10"),
+            ("checkpoint_every_seconds", self.checkpoint_every_seconds,
+             self.checkpoint_every_seconds > 0, "positive, e.g. 300"),
+            ("max_bad_fraction", self.max_bad_fraction, 0.0 <= self.max_bad_fraction <= 1.0,
+             "within 0..1; 0.01 allows 1% invalid rows"),
+            ("need_vram_mb", self.need_vram_mb, (self.need_vram_mb or 1) >= 1,
+             "a positive number of MiB, or unset"),
+            ("oom_retries", self.oom_retries, self.oom_retries >= 0, "0 or more"),
+            ("sigterm_grace_seconds", self.sigterm_grace_seconds,
+             self.sigterm_grace_seconds >= 0, "0 or more seconds"),
+            ("time_budget_seconds", self.time_budget_seconds,
+             (self.time_budget_seconds or 1) > 0, "positive seconds, or unset"),
+        ]
+        for attribute, value, ok, fix in rules:
+            if not ok:
+                raise _error(self.name, attribute, value, f"it must be {fix}")
+
+    def _upstream(self) -> dg.AssetKey:
+        if not self.upstream.strip():
+            raise _error(self.name, "upstream", self.upstream,
+                         "give the input's asset key, e.g. embeddings or raw/records")
+        return dg.AssetKey.from_user_string(self.upstream)
+
+    def _schema(self) -> Any:
+        found = _import(self.name, "schema", self.schema_, lambda _: True, "a pandera schema")
+        try:
+            return as_schema(found)
+        except TypeError:
+            raise _error(self.name, "schema", self.schema_,
+                         f"it names {found!r}, not a pandera DataFrameModel subclass or "
+                         "DataFrameSchema; declare one with import pandera.pandas as pa"
+                         ) from None
+
+    def _partitions(self) -> dg.PartitionsDefinition | None:
+        if self.partitions is None:
+            return None
+        if isinstance(self.partitions, str):
+            found: dg.PartitionsDefinition = _import(
+                self.name, "partitions", self.partitions,
+                lambda v: isinstance(v, dg.PartitionsDefinition), "a PartitionsDefinition")
+            return found
+        try:
+            return self.partitions.build()
+        except Exception as exc:  # noqa: BLE001 - Dagster's own message says what is wrong
+            raise _error(self.name, "partitions", self.partitions.model_dump(exclude_none=True),
+                         f"Dagster rejects it: {exc}") from exc
+
+
+def _import(stage: str, attribute: str, path: str, accept: Callable[[Any], bool],
+            kind: str) -> Any:
+    """The object at ``package.module.name`` (or ``package.module:name``)."""
+    module_name, sep, name = path.replace(":", ".").rpartition(".")
+    if not sep or not module_name or not name:
+        raise _error(stage, attribute, path,
+                     f"give the import path of {kind} as package.module.name")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _error(stage, attribute, path,
+                     f"module {module_name} does not import ({exc}); check the spelling and "
+                     "that its package is installed or on sys.path") from exc
+    if not hasattr(module, name):
+        raise _error(stage, attribute, path,
+                     f"module {module_name} has no attribute {name!r}; check the spelling")
+    found = getattr(module, name)
+    if not accept(found):
+        raise _error(stage, attribute, path,
+                     f"it names {found!r}, which is not {kind}")
+    return found
+
+
+def _error(stage: str, attribute: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"ModelStageComponent {stage!r}: attribute {attribute} = {value!r} is "
+                       f"wrong: {fix}")
