@@ -10,11 +10,12 @@ Configuration comes from the environment, with the embedded defaults when unset:
 """
 
 import os
+from pathlib import Path
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from definitions.assets import DAYS, daily_summary, embeddings, normalized, quality, records
+from definitions.assets import DAYS, daily_summary, embeddings, normalized, records
 from longrun_dagster import (
     AtomicObjectStoreIOManager,
     GpuGuard,
@@ -27,8 +28,8 @@ STALL_TIMEOUT = float(os.environ.get("LONGRUN_STALL_TIMEOUT", "900"))
 annotation_job = dg.define_asset_job("annotation",
                                      selection=dg.AssetSelection.groups("annotation"))
 
-defs = dg.Definitions(
-    assets=[records, normalized, embeddings, quality, daily_summary],
+defs = dg.Definitions.merge(dg.Definitions(
+    assets=[records, normalized, embeddings, daily_summary],
     jobs=[annotation_job],
     schedules=[dg.build_schedule_from_partitioned_job(annotation_job, hour_of_day=1)],
     sensors=[stalled_run_sensor(stall_timeout_seconds=STALL_TIMEOUT, retry_budget=3)],
@@ -42,6 +43,8 @@ defs = dg.Definitions(
                         hard_threshold=float(os.environ.get("LONGRUN_VRAM_HARD", "0.95"))),
         "heartbeat": Heartbeat(stall_timeout_seconds=STALL_TIMEOUT),
     },
-)
+    # the stages declared by configuration: definitions/stages/*/defs.yaml (the quality
+    # stage); where that folder is comes from [tool.dg.project] in pyproject.toml
+), dg.load_from_defs_folder(path_within_project=Path(__file__).parent))
 
 __all__ = ["DAYS", "defs"]

@@ -6,7 +6,10 @@ records (synthetic, deterministic text) -> normalized (clean text, drop empties)
 -> daily_summary (filter by quality and aggregate).
 
 Every model step is a ``model_stage``: pandera-validated, checkpointed, reused when
-committed, guarded by ``GpuGuard`` and ``Heartbeat``. Uses only the public API.
+committed, guarded by ``GpuGuard`` and ``Heartbeat``. ``embeddings`` is declared here with
+the decorator; ``quality`` by configuration, as a ``ModelStageComponent`` in
+``definitions/stages/quality/defs.yaml`` whose function, schema, setup and partitions live
+here. Uses only the public API.
 """
 
 import hashlib
@@ -127,11 +130,9 @@ def train_quality_classifier(stage: StageContext) -> torch.nn.Module:
     return model.eval()
 
 
-@model_stage(upstream=embeddings, schema=Scored, partitions_def=DAYS, batch_size=128,
-             checkpoint_every_batches=2, max_bad_fraction=0.01, code_version="logreg-1",
-             setup=train_quality_classifier, hook_resource_keys=HOOKS, pool="gpu",
-             group_name="annotation")
-def quality(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+# The ``quality`` stage is declared in definitions/stages/quality/defs.yaml (a
+# ModelStageComponent): this is its batch function, referenced there by import path.
+def score_quality(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     """Probability that a record is useful text rather than spam."""
     x = torch.from_numpy(np.stack(batch.embedding.to_numpy()))
     with torch.no_grad():

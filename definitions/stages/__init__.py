@@ -1,0 +1,1 @@
+"""Model stages of the example declared by configuration (``defs.yaml``), one folder each."""
