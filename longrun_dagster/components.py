@@ -17,7 +17,7 @@ raises ``ConfigError`` naming the attribute, the value and the fix.
 import datetime
 import importlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import dagster as dg
 from pydantic import Field, field_validator
@@ -65,6 +65,13 @@ class StaticPartitions(dg.Model):
         return dg.StaticPartitionsDefinition(self.partition_keys)
 
 
+def about(text: str) -> dg.Resolver:
+    """An attribute's description for dg and the UI. (Dagster 1.13 drops a pydantic
+    ``Field(description=...)`` from the YAML schema of an attribute that has a default.)"""
+    resolver: dg.Resolver = dg.Resolver.default(description=text)
+    return resolver
+
+
 class ModelStageComponent(dg.Component, dg.Resolvable, dg.Model):
     """A crash-proof, validated model stage (longrun_dagster.model_stage) from configuration.
 
@@ -73,64 +80,65 @@ class ModelStageComponent(dg.Component, dg.Resolvable, dg.Model):
     partitions already committed.
     """
 
-    name: str = Field(description="Asset name (the asset key), e.g. quality.")
-    fn: str = Field(description=(
+    name: Annotated[str, about("Asset name (the asset key), e.g. quality.")]
+    fn: Annotated[str, about(
         "Import path of the batch function fn(batch: DataFrame, stage: StageContext) -> "
-        "DataFrame, e.g. my_project.models.score_quality."))
-    upstream: str = Field(description=(
+        "DataFrame, e.g. my_project.models.score_quality.")]
+    upstream: Annotated[str, about(
         "Asset key of the input whose committed rows are read, e.g. embeddings or "
-        "raw/records."))
-    schema_: str = Field(alias="schema", description=(
+        "raw/records.")]
+    schema_: Annotated[str, about(
         "Import path of the pandera DataFrameModel or DataFrameSchema every output batch "
-        "must satisfy; invalid rows are quarantined."))
-    setup: str | None = Field(default=None, description=(
+        "must satisfy; invalid rows are quarantined.")] = Field(alias="schema")
+    setup: Annotated[str | None, about(
         "Import path of setup(stage) -> state, run once per computed partition (load the "
-        "model); its result is stage.state."))
-    partitions: str | TimePartitions | StaticPartitions | None = Field(
-        default=None, description=(
-            "Import path of an existing PartitionsDefinition (use the upstream's, so "
-            "partitions map one to one), or {type: daily, start_date: 2026-11-01, "
-            "end_date: ...}, or {type: static, partition_keys: [...]}. Unset: unpartitioned."))
-    batch_size: int = Field(default=256, description="Rows per call of fn.")
-    checkpoint_every_batches: int = Field(default=10, description=(
+        "model); its result is stage.state.")] = None
+    partitions: Annotated[str | TimePartitions | StaticPartitions | None, about(
+        "Import path of an existing PartitionsDefinition (use the upstream's, so partitions "
+        "map one to one), or {type: daily, start_date: 2026-11-01, end_date: ...} (also "
+        "hourly, weekly, monthly), or {type: static, partition_keys: [...]}. Unset: "
+        "unpartitioned.")] = None
+    batch_size: Annotated[int, about("Rows per call of fn.")] = 256
+    checkpoint_every_batches: Annotated[int, about(
         "Save progress after this many batches (or checkpoint_every_seconds, whichever "
-        "comes first)."))
-    checkpoint_every_seconds: float = Field(default=300.0, description=(
-        "Save progress after this many seconds."))
-    max_bad_fraction: float = Field(default=0.0, description=(
+        "comes first).")] = 10
+    checkpoint_every_seconds: Annotated[float, about(
+        "Save progress after this many seconds.")] = 300.0
+    max_bad_fraction: Annotated[float, about(
         "Fraction of output rows (0..1) that may fail the schema and be quarantined; past "
-        "it the partition fails and nothing is committed."))
-    one_row_per_input: bool = Field(default=True, description=(
+        "it the partition fails and nothing is committed.")] = 0.0
+    one_row_per_input: Annotated[bool, about(
         "fn returns one row per input row; a batch of the wrong length is quarantined. "
-        "Set false for stages that filter or expand rows."))
-    code_version: str = Field(default="1", description=(
+        "Set false for stages that filter or expand rows.")] = True
+    code_version: Annotated[str, about(
         "Bump it when fn changes meaning: committed partitions of another code version are "
-        "recomputed."))
-    config: dict[str, Any] = Field(default_factory=dict, description=(
+        "recomputed.")] = "1"
+    config: Annotated[dict[str, Any], about(
         "Stage settings passed to fn as stage.config; part of the fingerprint, so a change "
-        "recomputes."))
-    hook_resource_keys: list[str] = Field(default_factory=list, description=(
+        "recomputes.")] = Field(default_factory=dict)
+    hook_resource_keys: Annotated[list[str], about(
         "Resources called after every batch, e.g. [gpu, heartbeat] for GpuGuard and "
-        "Heartbeat."))
-    pool: str | None = Field(default=None, description=(
+        "Heartbeat.")] = Field(default_factory=list)
+    pool: Annotated[str | None, about(
         "Dagster concurrency pool, e.g. gpu (one slot per device) so two runs never share "
-        "a GPU."))
-    group_name: str | None = Field(default=None, description="Asset group in the Dagster UI.")
-    description: str | None = Field(default=None, description=(
-        "Asset description; default: the docstring of fn."))
-    tags: dict[str, str] = Field(default_factory=dict, description="Asset tags.")
-    op_tags: dict[str, Any] = Field(default_factory=dict, description=(
-        "Tags of the op that computes the asset (executor settings, ...)."))
-    need_vram_mb: int | None = Field(default=None, description=(
-        "GPU memory (MiB) the guard must see free before the first batch."))
-    oom_retries: int = Field(default=2, description=(
+        "a GPU.")] = None
+    group_name: Annotated[str | None, about("Asset group in the Dagster UI.")] = None
+    description: Annotated[str | None, about(
+        "Asset description; default: the docstring of fn.")] = None
+    tags: Annotated[dict[str, str], about("Asset tags.")] = Field(default_factory=dict)
+    op_tags: Annotated[dict[str, Any], about(
+        "Tags of the op that computes the asset (executor settings, ...).")] = Field(
+        default_factory=dict)
+    need_vram_mb: Annotated[int | None, about(
+        "GPU memory (MiB) the guard must see free before the first batch.")] = None
+    oom_retries: Annotated[int, about(
         "Retries in a fresh process after the GPU guard reports memory over its hard "
-        "threshold."))
-    sigterm_grace_seconds: float = Field(default=20.0, description=(
-        "On SIGTERM (preemption), time allowed to checkpoint before stopping."))
-    time_budget_seconds: float | None = Field(default=None, description=(
+        "threshold.")] = 2
+    sigterm_grace_seconds: Annotated[float, about(
+        "On SIGTERM (preemption), time allowed to checkpoint before stopping.")] = 20.0
+    time_budget_seconds: Annotated[float | None, about(
         "Per-run time box: checkpoint and end cleanly before this many seconds, so a "
-        "continuation run resumes the partition. Unset: no time box."))
+        "continuation run resumes the partition. Unset: no time box.")] = None
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return dg.Definitions(assets=[self.build_asset()])
