@@ -22,6 +22,7 @@ _EXPORTS = {
     "LeaseLost": "longrun_dagster.errors",
     "LongrunError": "longrun_dagster.errors",
     "Manifest": "longrun_dagster.commit",
+    "ModelStageComponent": "longrun_dagster.components",
     "PartitionNotCommitted": "longrun_dagster.errors",
     "PartitionStore": "longrun_dagster.commit",
     "Preempted": "longrun_dagster.errors",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from longrun_dagster.checkpoint import Checkpointer as Checkpointer
     from longrun_dagster.commit import Manifest as Manifest
     from longrun_dagster.commit import PartitionStore as PartitionStore
+    from longrun_dagster.components import ModelStageComponent as ModelStageComponent
     from longrun_dagster.errors import CommitConflict as CommitConflict
     from longrun_dagster.errors import ConfigError as ConfigError
     from longrun_dagster.errors import CorruptObject as CorruptObject
