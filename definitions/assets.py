@@ -1,6 +1,6 @@
 """The example annotation pipeline, one daily partition at a time:
 
-records (synthetic, deterministic text) -> normalized (clean text, drop empties)
+records (synthetic, deterministic text) -> normalized (clean text; blanks quarantined)
 -> embeddings (all-MiniLM-L6-v2, a real sentence-embedding model, offline)
 -> quality (a torch logistic-regression classifier over the embeddings)
 -> daily_summary (filter by quality and aggregate).
@@ -54,12 +54,22 @@ def records(context: dg.AssetExecutionContext) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "text"])
 
 
-@dg.asset(partitions_def=DAYS, group_name="annotation", kinds={"pandas"})
-def normalized(records: pd.DataFrame) -> pd.DataFrame:
-    """Whitespace and case normalised; blank records dropped."""
-    text = records.text.str.strip().str.lower().str.split().str.join(" ")
-    keep = text.str.len() > 0
-    return pd.DataFrame({"id": records.id[keep].to_numpy(), "text": text[keep].to_numpy()})
+class Normalized(pa.DataFrameModel):
+    id: str = pa.Field(str_length={"min_value": 1}, unique=True)
+    text: str = pa.Field(str_length={"min_value": 1})
+
+    class Config:
+        strict = True
+
+
+@model_stage(upstream=records, schema=Normalized, partitions_def=DAYS, batch_size=128,
+             checkpoint_every_batches=4, max_bad_fraction=0.10, code_version="norm-1",
+             hook_resource_keys=HOOKS, group_name="annotation")
+def normalized(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+    """Whitespace and case normalised; blank records fail the schema and are quarantined
+    (with their ids) instead of silently vanishing."""
+    text = batch.text.str.strip().str.lower().str.split().str.join(" ")
+    return pd.DataFrame({"id": batch.id.to_numpy(), "text": text.to_numpy()})
 
 
 class Embedded(pa.DataFrameModel):

@@ -1,5 +1,6 @@
 """The example code location loads, and its main command commits, then reuses."""
 
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -27,6 +28,8 @@ def test_main_commits_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert main(["--partitions", "2026-11-01"]) == 0
     first = capsys.readouterr().out
     assert "quality        2026-11-01   committed" in first, first
+    # the day's 9 blank records are quarantined by the normalized stage's schema, not lost
+    assert re.search(r"normalized +2026-11-01 +committed +247 +9 ", first), first
     assert main(["--partitions", "2026-11-01"]) == 0
     second = capsys.readouterr().out
     assert "embeddings     2026-11-01   reused" in second and str(tmp_path / "lr") in second
