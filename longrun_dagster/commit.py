@@ -110,6 +110,15 @@ def _checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
+@dataclass(frozen=True)
+class Current:
+    """A partition as a writer finds it (see ``PartitionStore.current``)."""
+
+    manifest: Manifest | None
+    token: str | None
+    damage: CorruptObject | None
+
+
 class _Unset:
     pass
 
@@ -198,6 +207,21 @@ class PartitionStore:
             )
         return manifest
 
+    def current(self, asset: AssetPath, partition: str | None) -> "Current":
+        """What a new commit of the partition replaces: its committed manifest, or None if
+        there is none or it is damaged (then ``damage`` says why), and the token to write
+        against. A damaged manifest does not make a partition committed, so re-materializing
+        the partition replaces it; ``lookup`` keeps reporting it until then."""
+        try:
+            manifest = self.lookup(asset, partition)
+        except CorruptObject as exc:
+            try:
+                token: str | None = self.store.stat(self.prefix(asset, partition) + MANIFEST).token
+            except ObjectNotFound:
+                token = None
+            return Current(None, token, exc)
+        return Current(manifest, manifest.token if manifest else None, None)
+
     def take_lease(self, asset: AssetPath, partition: str | None, run_id: str) -> int:
         """Fence out earlier attempts: bump the partition's lease generation (conditional
         write) and return it. A commit carrying an older generation raises ``LeaseLost``."""
@@ -230,7 +254,15 @@ class PartitionStore:
             data, token = self.store.get(key)
         except ObjectNotFound:
             return 0, None
-        return int(json.loads(data)["generation"]), token
+        try:
+            return int(json.loads(data)["generation"]), token
+        except (ValueError, KeyError, TypeError) as exc:
+            uri = self.store.uri_of(key)
+            raise CorruptObject(
+                f"lease {uri} is unreadable ({exc}); it was damaged. Once no attempt of this "
+                "partition is running, delete it and re-materialize the partition",
+                uri=uri, expected="valid lease", actual=type(exc).__name__,
+            ) from exc
 
     def committed_with(
         self, asset: AssetPath, partition: str | None, fingerprint: str
@@ -261,8 +293,7 @@ class PartitionStore:
         """
         prefix = self.prefix(asset, partition)
         if expect is UNSET:
-            current = self.lookup(asset, partition)
-            expect = current.token if current else None
+            expect = self.current(asset, partition).token
         attempt = f"{_safe(run_id)}-{uuid.uuid4().hex[:12]}"
         stored = []
         for role, (data, extension) in objects.items():
@@ -331,11 +362,30 @@ class PartitionStore:
     def read_object(self, asset: AssetPath, partition: str | None, stored: StoredObject,
                     decode: Callable[[bytes], Any] | None = None) -> Any:
         """The verified bytes of one object of a partition, or ``decode`` of them."""
+        manifest_uri = self.store.uri_of(self.prefix(asset, partition) + MANIFEST)
         fix = (f"it changed after commit; re-materialize {describe(asset, partition)} "
-               "to recompute it, or restore the object from a backup")
+               "to recompute it, or restore the object from a backup (a model stage reuses "
+               "a partition whose objects have their recorded sizes without reading them: "
+               f"if this one's size is unchanged, delete the manifest {manifest_uri} first)")
         return read_verified(self.store, self.prefix(asset, partition) + stored.name, stored,
                              owner=f"the manifest of {describe(asset, partition)}", fix=fix,
                              decode=decode)
+
+    def check_sizes(self, manifest: Manifest) -> list[str]:
+        """What is wrong with the objects a manifest names that one stat each can see
+        (missing, or not the recorded size), without reading them; empty if nothing."""
+        problems = []
+        for stored in manifest.objects:
+            key = self.prefix(manifest.asset, manifest.partition) + stored.name
+            try:
+                size = self.store.stat(key).size
+            except ObjectNotFound:
+                problems.append(f"{self.store.uri_of(key)} is missing")
+                continue
+            if size != stored.size:
+                problems.append(f"{self.store.uri_of(key)} has {size} bytes, its manifest "
+                                f"says {stored.size}")
+        return problems
 
     def verify(self, manifest: Manifest) -> None:
         """Check every object the manifest names by reading it (``CorruptObject``)."""

@@ -206,12 +206,19 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     partition = context.partition_key if context.has_partition_key else None
     inputs = _upstream_manifests(spec, context, partitions)
     fingerprint = spec.fingerprint(inputs)
-    current = partitions.lookup(asset, partition)
-    if current is not None and current.fingerprint == fingerprint:
-        context.log.info(f"{describe(asset, partition)} is committed with this fingerprint "
-                         f"(run {current.run_id}); reusing it, the model is not called")
-        yield from _reused(spec, current, fingerprint)
-        return
+    current = partitions.current(asset, partition)
+    if current.damage is not None:
+        context.log.warning(f"{current.damage}; recomputing {describe(asset, partition)}")
+    committed = current.manifest
+    if committed is not None and committed.fingerprint == fingerprint:
+        problems = partitions.check_sizes(committed)
+        if not problems:
+            context.log.info(f"{describe(asset, partition)} is committed with this fingerprint"
+                             f" (run {committed.run_id}); reusing it, the model is not called")
+            yield from _reused(spec, committed, fingerprint)
+            return
+        context.log.warning(f"{describe(asset, partition)} is committed with this fingerprint, "
+                            f"but {'; '.join(problems)}; recomputing it")
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
     _tag_stage_run(context, spec)
@@ -224,7 +231,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     yield from _judge(spec, outcome, meta, partition)
     request = CommitRequest(
         value=outcome.output, fingerprint=fingerprint,
-        expect=current.token if current is not None else None,
+        expect=current.token,
         extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
         metadata={k: v for k, v in meta.items() if k != "failure_sample"},
         generation=generation,
