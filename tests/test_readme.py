@@ -16,3 +16,12 @@ def test_readme_example_runs(source: str, tmp_path: Path) -> None:
 
 def test_readme_has_examples() -> None:
     assert EXAMPLES
+
+
+def test_readme_component_yaml_is_the_example_stage() -> None:
+    """The YAML in the README is what the example location loads (same attributes)."""
+    import yaml
+
+    [shown] = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    real = README.parent / "definitions" / "stages" / "quality" / "defs.yaml"
+    assert yaml.safe_load(shown) == yaml.safe_load(real.read_text())
