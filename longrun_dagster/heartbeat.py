@@ -75,6 +75,10 @@ class Watchdog:
                 self._stalled(now - last)
                 return
 
+    def publish_now(self) -> None:
+        """Publish the last progress now (a failure is counted, not raised)."""
+        self._publish_now()
+
     def _publish_now(self) -> None:
         with self._lock:
             last, counters = self.last_progress, dict(self.counters)

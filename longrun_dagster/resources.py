@@ -90,6 +90,7 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
     _instance: Any = PrivateAttr(default=None)
     _run_id: str | None = PrivateAttr(default=None)
     _dog: Any = PrivateAttr(default=None)
+    _ended: bool = PrivateAttr(default=False)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._instance = context.instance
@@ -100,10 +101,12 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
 
         host, pid = socket.gethostname(), os.getpid()
         total = run.progress.batches_total
+        self._ended = False
 
         def publish(at: float, counters: dict[str, Any]) -> None:
             done = counters.get("batches_done", run.progress.batches_done)
-            self._tag({HEARTBEAT_TAG: f"{at:.3f}|{done}/{total}|{pid}|{host}"})
+            ended = f"|{tags.HEARTBEAT_ENDED}" if self._ended else ""
+            self._tag({HEARTBEAT_TAG: f"{at:.3f}|{done}/{total}|{pid}|{host}{ended}"})
 
         def stalled(stacks: str, silent_for: float) -> None:
             run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
@@ -123,7 +126,18 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
     def on_end(self, run: StageRun) -> dict[str, Any]:
         if self._dog is None:
             return {}
-        self._dog.stop()
+        # Under the multiprocess executor this step's process exits while the run goes on
+        # (the next step waiting for its pool, or a plain asset): say so in the last beat,
+        # or the sensor reads the exited pid as a dead run and kills a healthy one.
+        self._ended = True
+        failed = self._dog.failed_publishes
+        self._dog.stop()  # publishes once more
+        for delay in (0.5, 1.0):  # a busy instance DB: this beat matters, try again
+            if self._dog.failed_publishes == failed:
+                break
+            failed = self._dog.failed_publishes
+            time.sleep(delay)
+            self._dog.publish_now()
         return {"heartbeats_published": self._dog.published}
 
     def _tag(self, tags: dict[str, str]) -> None:

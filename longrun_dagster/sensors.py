@@ -51,14 +51,18 @@ class RunView:
     """Its time budget ended a segment and the partition asked to continue."""
     segment: int = 1
     stalled_at: float | None = None
+    stage_ended: bool = False
+    """Its last stage step is over (the run may go on with other steps, or wait for a pool
+    slot for the next stage): no stage is in progress to stall."""
 
     @classmethod
     def of(cls, run: dg.DagsterRun, started_at: float | None, crashed: bool = False
            ) -> "RunView":
         tags = run.tags
         progress_at = pid = host = None
+        state = ""
         if T.HEARTBEAT in tags:
-            at, _, pid_text, host = (tags[T.HEARTBEAT].split("|") + ["", "", "", ""])[:4]
+            at, _, pid_text, host, state = (tags[T.HEARTBEAT].split("|") + [""] * 5)[:5]
             progress_at, pid = float(at), int(pid_text) if pid_text.isdigit() else None
         keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ()))) or \
             tuple(a for a in tags.get(T.ASSETS, "").split(",") if a)
@@ -70,7 +74,7 @@ class RunView:
             relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=tags.get(HANDLED_TAG),
             stalled_at=float(tags[T.STALLED]) if T.STALLED in tags else None,
             crashed=crashed, continuation=tags.get(T.CONTINUATION) == "requested",
-            segment=int(tags.get(T.SEGMENT, "1")),
+            segment=int(tags.get(T.SEGMENT, "1")), stage_ended=state == T.HEARTBEAT_ENDED,
         )
 
 
@@ -92,6 +96,8 @@ def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
         if run.continuation or run.status not in ("STARTED", "STARTING", "CANCELING") and not (
                 run.status == "FAILURE" and (run.stalled_at is not None or run.crashed)):
             continue  # a failed run counts only when its process died or its watchdog fired
+        if run.stage_ended and run.status != "FAILURE":
+            continue  # between stages; a lost run worker is Dagster's run monitoring's to see
         alive = process_alive(run)
         last = run.progress_at or run.started_at
         if run.stalled_at is not None:

@@ -1,5 +1,7 @@
 """Watchdog, stalled-run decisions (pure), and fencing leases."""
 
+import os
+import tempfile
 import threading
 import time
 from typing import Any
@@ -121,3 +123,35 @@ def test_a_failed_publish_is_retried_and_does_not_stop_the_watchdog() -> None:
     dog.stop()
     assert dog.failed_publishes == 1 and dog.published >= 2
     assert calls[2] == calls[1], "the failed publish must be retried with the same progress"
+
+
+def test_a_run_between_stages_is_not_stalled() -> None:
+    """Under the multiprocess executor a stage step's process exits when the step is done
+    while its run goes on (the next stage waiting for the gpu pool, or a plain asset): the
+    sensor read the exited pid in the heartbeat as a dead run, failed the healthy run and
+    relaunched it (seen in a backfill of the example through dagster-webserver)."""
+    import dataclasses
+
+    import dagster as dg
+
+    from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat
+    from tests.helpers import pipeline
+
+    stage = pipeline.make_scores(hook_resource_keys=["heartbeat"])
+    with tempfile.TemporaryDirectory() as tmp, dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [pipeline.texts, stage], partition_key="2024-01-01", instance=instance,
+            resources={"io_manager": AtomicObjectStoreIOManager(base_uri=tmp),
+                       "heartbeat": Heartbeat(interval_seconds=60, watchdog=False)})
+        assert result.success
+        run = instance.get_run_by_id(result.run_id)
+    assert run is not None
+    ended = RunView.of(run, started_at=1000.0)
+    assert ended.stage_ended and ended.pid == os.getpid()
+    running = dataclasses.replace(ended, status="STARTED", progress_at=1999.0)
+    assert find_stalled([running], now=2000.0, timeout=300,
+                        process_alive=lambda r: False) == []
+    mid_stage = dataclasses.replace(running, stage_ended=False)  # a step killed mid-stage
+    assert find_stalled([mid_stage], now=2000.0, timeout=300, process_alive=lambda r: False)
+    crashed = dataclasses.replace(ended, status="FAILURE", crashed=True)
+    assert find_stalled([crashed], now=2000.0, timeout=300, process_alive=lambda r: None)
