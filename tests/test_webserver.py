@@ -1,0 +1,354 @@
+"""The example pipeline as users run it in production: a partition backfill launched through
+dagster-webserver's GraphQL API (the calls the UI makes), executed by a real
+`dagster-daemon run` on deploy/dagster.yaml (PostgreSQL, queued runs, pools), committing to
+S3 (moto on loopback). Lineage, partition status and the stages' metadata are read back
+through the same API; a second backfill must reuse every model stage; and the UI itself,
+in headless Chromium, must show the stages and their metadata.
+
+One deployment and one first backfill serve the whole module: the MiniLM runs are the
+expensive part.
+"""
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from dagster_aws.s3 import S3Resource
+
+from longrun_dagster import AtomicObjectStoreIOManager
+from tests.helpers.services import Services, free_port
+
+DAYS = ["2026-11-01", "2026-11-02"]
+LINEAGE = {"records": [], "normalized": ["records"], "embeddings": ["normalized"],
+           "quality": ["embeddings"], "daily_summary": ["quality"]}
+STAGES = ["normalized", "embeddings", "quality"]  # model stages; the rest plain assets
+ROWS = 64
+BACKFILL_TIMEOUT = 300.0
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = os.environ.get("LONGRUN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+pytestmark = [pytest.mark.daemon, pytest.mark.postgres, pytest.mark.s3,
+              pytest.mark.timeout(480)]
+
+METADATA = """fragment Metadata on MaterializationEvent { metadataEntries { label __typename
+  ... on BoolMetadataEntry { boolValue } ... on IntMetadataEntry { intValue }
+  ... on FloatMetadataEntry { floatValue } ... on TextMetadataEntry { text }
+  ... on PathMetadataEntry { path } ... on JsonMetadataEntry { jsonString } } }"""
+
+# What the UI sends from "Materialize..." on partitioned assets (LaunchAssetChoosePartitions
+# dialog): an asset backfill with no partition set selector.
+LAUNCH_BACKFILL = """mutation LaunchPartitionBackfill($backfillParams: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $backfillParams) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId launchedRunIds }
+    ... on Error { message }
+    ... on PythonError { stack }
+  }
+}"""
+
+BACKFILL = """query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on Error { message }
+    ... on PartitionBackfill {
+      id status isAssetBackfill numPartitions partitionNames
+      error { message stack }
+      runs { runId status tags { key value } }
+      assetBackfillData { assetBackfillStatuses { __typename
+        ... on AssetPartitionsStatusCounts { assetKey { path } numPartitionsTargeted
+          numPartitionsInProgress numPartitionsMaterialized numPartitionsFailed } } }
+    }
+  }
+}"""
+
+RUN_EVENTS = """query RunEvents($runId: ID!) {
+  runOrError(runId: $runId) { __typename ... on Run { status
+    eventConnection { events { __typename
+      ... on MessageEvent { message stepKey }
+      ... on ExecutionStepFailureEvent { error { message stack } } } } } }
+}"""
+
+ASSET_GRAPH = """query AssetGraph {
+  assetNodes { assetKey { path } groupName isPartitioned jobNames
+    dependencyKeys { path } dependedByKeys { path } }
+}"""
+
+ASSET_PARTITIONS = """query AssetPartitions($key: AssetKeyInput!, $partitions: [String!]) {
+  assetNodeOrError(assetKey: $key) { __typename
+    ... on AssetNode {
+      partitionStats { numMaterialized numPartitions numFailed numMaterializing }
+      assetPartitionStatuses { __typename
+        ... on TimePartitionStatuses { ranges { status startKey endKey } } }
+      latestMaterializationByPartition(partitions: $partitions) {
+        runId partition ...Metadata }
+    }
+  }
+}
+""" + METADATA
+
+FINISHED = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+
+def new_database(server: Any) -> str:
+    """A fresh database on the session's PostgreSQL server, as a psycopg2 SQLAlchemy URL."""
+    import psycopg2
+
+    name = f"ui_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(server.get_uri("postgres"))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+    finally:
+        conn.close()
+    return str(server.get_uri(name)).replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+@pytest.fixture(scope="module")
+def deployment(postgres_server: Any, s3_endpoint: str,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """deploy/dagster.yaml on PostgreSQL; webserver and daemon load workspace.yaml with the
+    example's storage on the loopback S3 bucket; pool "gpu" gets one slot (through GraphQL,
+    as the UI's concurrency page sets it)."""
+    bucket = f"ui-{uuid.uuid4().hex[:12]}"
+    s3(s3_endpoint).create_bucket(Bucket=bucket)
+    env = {"DAGSTER_PG_URL": new_database(postgres_server),
+           "LONGRUN_BASE_URI": f"s3://{bucket}/prefix", "LONGRUN_S3_ENDPOINT": s3_endpoint,
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "LONGRUN_EXAMPLE_ROWS": str(ROWS),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    services = Services(tmp_path_factory.mktemp("deployment") / "home", free_port(), env)
+    with pytest.MonkeyPatch.context() as mp:  # migrate once, before two processes race to
+        mp.setenv("DAGSTER_PG_URL", env["DAGSTER_PG_URL"])
+        import dagster as dg
+
+        with dg.DagsterInstance.from_config(str(services.home)) as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    services.start_webserver()
+    services.start_daemon()
+    try:
+        wait_for_code_location(services)
+        assert services.graphql('mutation { setConcurrencyLimit(concurrencyKey: "gpu", '
+                                'limit: 1) }')["setConcurrencyLimit"] is True
+        pool = services.graphql('{ instance { concurrencyLimit(concurrencyKey: "gpu") '
+                                '{ slotCount } } }')
+        assert pool["instance"]["concurrencyLimit"]["slotCount"] == 1
+        yield services
+    finally:
+        services.stop()
+        services.keep_logs(ARTIFACTS / "webserver-deployment")
+
+
+def s3(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def wait_for_code_location(services: Services) -> None:
+    query = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
+      name loadStatus locationOrLoadError { __typename
+        ... on PythonError { message stack } } } } } }"""
+
+    def loaded() -> bool:
+        entries = services.graphql(query, timeout=10)["workspaceOrError"]["locationEntries"]
+        for entry in entries:
+            error = entry["locationOrLoadError"]
+            if error and error["__typename"] == "PythonError":
+                raise AssertionError(f"code location {entry['name']} failed to load: "
+                                     f"{error['message']}\n{error['stack']}")
+        return bool(entries) and all(e["loadStatus"] == "LOADED" for e in entries)
+
+    services.wait_until(loaded, 180, "the webserver to load the code location")
+
+
+def run_failures(services: Services, runs: list[dict[str, Any]]) -> str:
+    """The last events of every run that did not succeed, errors included."""
+    lines = []
+    for run in runs:
+        if run["status"] == "SUCCESS":
+            continue
+        got = services.graphql(RUN_EVENTS, {"runId": run["runId"]})["runOrError"]
+        lines.append(f"run {run['runId']} {run['status']}:")
+        for event in got.get("eventConnection", {}).get("events", [])[-15:]:
+            error = event.get("error")
+            lines.append(f"  {event['__typename']} {event.get('stepKey')} "
+                         f"{(event.get('message') or '')[:300]!r}"
+                         + (f"\n{error['message']}{error['stack']}"[:2000] if error else ""))
+    return "\n".join(lines)
+
+
+def backfill(services: Services) -> dict[str, Any]:
+    """Launch a backfill of the whole group over DAYS as the UI does; wait for it to end."""
+    started = time.monotonic()
+    launched = services.graphql(LAUNCH_BACKFILL, {"backfillParams": {
+        "selector": None, "assetSelection": [{"path": [key]} for key in LINEAGE],
+        "partitionNames": DAYS, "fromFailure": False, "tags": []}})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def finished() -> dict[str, Any] | None:
+        got: dict[str, Any] = services.graphql(BACKFILL, {"id": backfill_id})[
+            "partitionBackfillOrError"]
+        assert got["__typename"] == "PartitionBackfill", got
+        return got if got["status"] in FINISHED else None
+
+    result: dict[str, Any] = services.wait_until(
+        finished, BACKFILL_TIMEOUT, f"backfill {backfill_id} to finish", every=2.0)
+    result["elapsed"] = time.monotonic() - started
+    runs = result["runs"]
+    if result["status"] != "COMPLETED_SUCCESS" or not runs or any(
+            r["status"] != "SUCCESS" for r in runs):
+        raise AssertionError(
+            f"backfill {backfill_id} ended {result['status']}: {json.dumps(result)[:3000]}\n"
+            f"{run_failures(services, runs)}\n{services.logs()}")
+    print(f"backfill {backfill_id}: {len(DAYS)} partitions x {len(LINEAGE)} assets, "
+          f"{len(runs)} runs, {result['elapsed']:.1f}s from launch to COMPLETED_SUCCESS")
+    return result
+
+
+def metadata(event: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for entry in event["metadataEntries"]:
+        values = [v for k, v in entry.items() if k not in ("label", "__typename")]
+        out[entry["label"]] = values[0] if values else None
+    return out
+
+
+def latest(services: Services, asset: str) -> dict[str, Any]:
+    node: dict[str, Any] = services.graphql(ASSET_PARTITIONS, {
+        "key": {"path": [asset]}, "partitions": DAYS})["assetNodeOrError"]
+    assert node["__typename"] == "AssetNode", node
+    return node
+
+
+@pytest.fixture(scope="module")
+def first_backfill(deployment: Services) -> dict[str, Any]:
+    return backfill(deployment)
+
+
+def test_backfill_through_graphql_commits_every_partition_to_s3(
+    deployment: Services, first_backfill: dict[str, Any], s3_endpoint: str
+) -> None:
+    assert first_backfill["isAssetBackfill"] and first_backfill["numPartitions"] == len(DAYS)
+    statuses = {tuple(s["assetKey"]["path"]): s for s in
+                first_backfill["assetBackfillData"]["assetBackfillStatuses"]}
+    assert set(statuses) == {(key,) for key in LINEAGE}
+    for status in statuses.values():
+        assert (status["numPartitionsTargeted"], status["numPartitionsMaterialized"],
+                status["numPartitionsFailed"]) == (len(DAYS), len(DAYS), 0), status
+    backfill_runs = {r["runId"] for r in first_backfill["runs"]}
+
+    nodes = {tuple(n["assetKey"]["path"]): n for n in
+             deployment.graphql(ASSET_GRAPH)["assetNodes"]}
+    for asset, parents in LINEAGE.items():
+        node = nodes[(asset,)]
+        assert node["groupName"] == "annotation" and node["isPartitioned"], node
+        assert [k["path"] for k in node["dependencyKeys"]] == [[p] for p in parents], node
+        children = [a for a, ps in LINEAGE.items() if asset in ps]
+        assert [k["path"] for k in node["dependedByKeys"]] == [[c] for c in children], node
+        assert "annotation" in node["jobNames"]
+
+    store = AtomicObjectStoreIOManager(
+        base_uri=deployment.env["LONGRUN_BASE_URI"],
+        s3=S3Resource(endpoint_url=s3_endpoint)).partition_store()
+    for asset in LINEAGE:
+        node = latest(deployment, asset)
+        assert node["partitionStats"] == {"numMaterialized": len(DAYS), "numPartitions":
+                                          node["partitionStats"]["numPartitions"],
+                                          "numFailed": 0, "numMaterializing": 0}, node
+        ranges = node["assetPartitionStatuses"]["ranges"]
+        assert [(r["status"], r["startKey"], r["endKey"]) for r in ranges] == [
+            ("MATERIALIZED", DAYS[0], DAYS[-1])], (asset, ranges)
+        for day, event in zip(DAYS, node["latestMaterializationByPartition"], strict=True):
+            meta = metadata(event)
+            assert event["partition"] == day and event["runId"] in backfill_runs
+            assert meta["reused"] is False and meta["committed_by_run"] == event["runId"]
+            manifest = store.lookup([asset], day)  # the S3 bucket holds what the UI shows
+            assert manifest is not None and manifest.run_id == event["runId"], (asset, day)
+            data = manifest.object("data")
+            assert data is not None and meta["sha256"] == data.sha256, (asset, day, meta)
+            assert meta["uri"] == store.uri([asset], day) and meta["uri"].startswith("s3://")
+            store.verify(manifest)
+            if asset in STAGES:
+                assert meta["rows_in"] == meta["rows_out"] + meta["rows_quarantined"], meta
+                assert meta["rows_out"] == meta["rows"] and meta["model_calls"] >= 1, meta
+                assert meta["vram_backend"] in ("nvml", "torch", "host"), meta
+                assert meta["vram_peak_mb"] > 0, meta
+
+    bucket = deployment.env["LONGRUN_BASE_URI"][len("s3://"):].split("/", 1)[0]
+    listed = s3(s3_endpoint).list_objects_v2(Bucket=bucket)
+    manifests = sorted(o["Key"] for o in listed.get("Contents", [])
+                       if o["Key"].endswith("/_manifest.json"))
+    assert manifests == sorted(  # s3://bucket/prefix/<asset>/<partition folder>
+        store.uri([asset], day).split("/", 3)[3] + "/_manifest.json"
+        for asset in LINEAGE for day in DAYS), manifests
+
+
+def test_ui_shows_the_stages_and_their_metadata(
+    deployment: Services, first_backfill: dict[str, Any]
+) -> None:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("LONGRUN_SKIP_UI") == "1":
+            pytest.skip(f"LONGRUN_SKIP_UI=1 and no Chromium at {CHROMIUM}")
+        pytest.fail(f"no Chromium at {CHROMIUM}: install it (`apt-get install chromium` on "
+                    "Debian; ./scripts/test does this when apt-get is usable), point "
+                    "LONGRUN_CHROMIUM at one, or set LONGRUN_SKIP_UI=1 to skip this test")
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(60_000)
+        # A first visit gets a "Join the Dagster community" dialog over the page: skip it.
+        page.add_locator_handler(page.get_by_text("Join the Dagster community"),
+                                 lambda: page.get_by_role("button", name="Skip").click())
+
+        def visible(text: str, exact: bool = False) -> None:
+            expect(page.get_by_text(text, exact=exact).first).to_be_visible(timeout=60_000)
+
+        try:
+            page.goto(f"{deployment.url}/asset-groups/annotation")
+            for asset in LINEAGE:
+                visible(asset, exact=True)
+            page.screenshot(path=ARTIFACTS / "asset-graph.png")
+
+            page.goto(f"{deployment.url}/assets/quality?view=partitions&partition={DAYS[-1]}")
+            visible(f"Materialized ({len(DAYS)})")  # the status filter's count
+            for label in ("rows_quarantined", "vram_peak_mb", "committed_by_run"):
+                visible(label, exact=True)  # the partition's materialization metadata
+            page.screenshot(path=ARTIFACTS / "quality-partition.png", full_page=True)
+        except Exception as exc:
+            page.screenshot(path=ARTIFACTS / "ui-failure.png", full_page=True)
+            raise AssertionError(f"{exc}\npage {page.url} says:\n"
+                                 f"{page.inner_text('body')[:3000]}") from exc
+        finally:
+            browser.close()
+
+
+def test_second_backfill_reuses_every_model_stage(
+    deployment: Services, first_backfill: dict[str, Any], s3_endpoint: str
+) -> None:
+    before = {stage: latest(deployment, stage)["latestMaterializationByPartition"]
+              for stage in STAGES}
+    second = backfill(deployment)
+    runs = {r["runId"] for r in second["runs"]}
+    for stage in STAGES:
+        node = latest(deployment, stage)
+        for day, event, old in zip(DAYS, node["latestMaterializationByPartition"],
+                                   before[stage], strict=True):
+            meta = metadata(event)
+            assert event["partition"] == day and event["runId"] in runs, event
+            assert meta["reused"] is True and meta["model_calls"] == 0, (stage, day, meta)
+            assert meta["committed_by_run"] == old["runId"], (stage, day, meta)
+        assert node["partitionStats"]["numMaterialized"] == len(DAYS)
+    print(f"second backfill (model stages reused): {second['elapsed']:.1f}s "
+          f"vs first {first_backfill['elapsed']:.1f}s")
