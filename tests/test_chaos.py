@@ -85,6 +85,7 @@ class Chaos:
     faults: Counter[str] = field(default_factory=Counter)
     failed_steps: int = 0
     messages: list[str] = field(default_factory=list)
+    damaged_leases: set[str] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
 
     @property
@@ -183,6 +184,8 @@ class Chaos:
         data, _ = self.store.get(key)
         bad, how = chaos.damage(data, self.rng)
         self.store.put(key, bad)
+        if kind == "lease":
+            self.damaged_leases.add(key)
         if kind in ("manifest", "data"):
             asset, partition = owner(self.ledger.partitions, key)
             self.ledger.damaged[(asset, partition)] = key
@@ -210,6 +213,9 @@ class Chaos:
 
     def finish(self) -> None:
         """(d): the repair the messages name, then fault-free runs of every partition."""
+        for key in sorted(self.damaged_leases):
+            self.store.delete(key)  # "delete it and re-materialize the partition"
+            self.log.append(f"repair {key}: delete the damaged lease")
         for (asset, partition), key in sorted(self.ledger.damaged.items(),
                                               key=lambda kv: ASSETS.index(kv[0][0])):
             how = "re-materialize"
