@@ -86,9 +86,7 @@ class Services:
         path = self.home / f"{name}.log"
         if not path.exists():
             return "(no log)"
-        lines = [line for line in path.read_text(errors="replace").splitlines()
-                 if "code location name" not in line]  # a warning on every load: noise
-        return "\n".join(lines)[-chars:]
+        return path.read_text(errors="replace")[-chars:]
 
     def logs(self) -> str:
         return "\n".join(f"--- {name} log tail ---\n{self.log_tail(name)}"
