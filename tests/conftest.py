@@ -7,6 +7,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import boto3
 import pytest
 
 from longrun_dagster.storage import LocalStore, ObjectStore, S3Store
+from tests.helpers.s3proxy import FaultProxy
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -68,6 +70,31 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"t-{uuid.uuid4().hex[:16]}"
     s3_client(s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    """A fault-injecting HTTP proxy on loopback in front of the S3 endpoint."""
+    fp = FaultProxy(s3_endpoint)
+    fp.url = fp.start()  # type: ignore[attr-defined]
+    yield fp
+    fp.stop()
+
+
+@contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (e.g. "8m") to fill up; the test is skipped where
+    mounting is not allowed (not root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> ObjectStore:

@@ -25,7 +25,6 @@ partition's data equals the clean run's byte for byte (SHA-256).
 import os
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import pytest
 from longrun_dagster import AtomicObjectStoreIOManager, CorruptObject
 from longrun_dagster.commit import MANIFEST, PartitionStore
 from longrun_dagster.storage import LocalStore, ObjectStore, S3Store
-from tests.conftest import s3_client
+from tests.conftest import s3_client, small_tmpfs
 from tests.helpers import chaos, pipeline
 from tests.helpers.chaos import ASSETS, PARTITIONS, Ledger, Worker
 from tests.helpers.s3proxy import FaultProxy
@@ -271,14 +270,6 @@ def report(run: Chaos, seed: int, steps: int, started: float) -> None:
         print("  message:", message[:400])
 
 
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
-    fp = FaultProxy(s3_endpoint)
-    fp.url = fp.start()  # type: ignore[attr-defined]
-    yield fp
-    fp.stop()
-
-
 def s3_chaos(steps: int, proxy: FaultProxy, s3_endpoint: str, s3_bucket: str,
              clean: dict[tuple[str, str], str], seed: int | None = None) -> None:
     seed = chaos_seed(seed)
@@ -315,16 +306,8 @@ def test_chaos_s3_soak(proxy: FaultProxy, s3_endpoint: str, s3_bucket: str,
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB filesystem (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def disk_chaos(steps: int, disk: Path, clean: dict[tuple[str, str], str],

@@ -2,7 +2,6 @@
 skipped where mounting is not allowed)."""
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from longrun_dagster import AtomicObjectStoreIOManager, StorageError
 from longrun_dagster.commit import PartitionStore
 from longrun_dagster.storage import LocalStore
+from tests.conftest import small_tmpfs
 from tests.helpers import pipeline
 
 MB = 1024 * 1024
@@ -20,16 +20,8 @@ MB = 1024 * 1024
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB filesystem."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def leftovers(root: Path) -> list[str]:

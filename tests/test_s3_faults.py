@@ -1,7 +1,6 @@
 """S3 errors injected at the HTTP level (a fault proxy on loopback in front of the S3
 endpoint): 5xx, throttling, connection resets, lost answers, slow responses."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -18,14 +17,6 @@ from tests.helpers.s3proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.s3
 MB = 1024 * 1024
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
-    fp = FaultProxy(s3_endpoint)
-    fp.url = fp.start()  # type: ignore[attr-defined]
-    yield fp
-    fp.stop()
 
 
 def store_via(proxy: FaultProxy, bucket: str, attempts: int = 3) -> S3Store:
