@@ -43,8 +43,12 @@ class StageRun:
 
 class StageHook(Protocol):
     """Something called around every batch (the GPU guard, the heartbeat publisher).
-    ``on_batch`` may raise to stop the stage; completed batches are checkpointed first.
-    ``on_end`` runs however the loop ended (its metadata is used only on success)."""
+    ``on_prepare`` runs before the stage's ``setup`` (the model load, which can hang or
+    fill the device too), ``on_start`` after it, before the first batch. ``on_batch`` may
+    raise to stop the stage; completed batches are checkpointed first. ``on_end`` runs
+    however the loop ended (its metadata is used only on success)."""
+
+    def on_prepare(self, run: StageRun) -> None: ...
 
     def on_start(self, run: StageRun) -> None: ...
 
@@ -130,7 +134,7 @@ class BatchLoop:
                  schema: pa.DataFrameSchema, checkpointer: Checkpointer, cadence: Cadence,
                  hooks: Sequence[StageHook] = (), name: str = "stage",
                  one_row_per_input: bool = True, need_vram_bytes: int | None = None,
-                 asset: str = "",
+                 asset: str = "", setup: Callable[[], None] | None = None,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
@@ -138,6 +142,7 @@ class BatchLoop:
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
         self.one_row_per_input = one_row_per_input
+        self.setup = setup
         total = -(-len(self.frame) // batch_size)
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
         self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset)
@@ -157,6 +162,11 @@ class BatchLoop:
         meta: dict[str, Any] = {}
         with _on_sigterm(self._sigterm):
             try:
+                for hook in self.hooks:
+                    hook.on_prepare(self.run_info)
+                if self.setup is not None and self.progress.batches_done < \
+                        self.progress.batches_total:  # a finished checkpoint needs no model
+                    self.setup()
                 for hook in self.hooks:
                     hook.on_start(self.run_info)
                 self._loop()

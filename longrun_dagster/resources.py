@@ -54,11 +54,16 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
             fail_on_leak_within_steps=self.fail_on_leak_within_steps, **kwargs,
         )
 
-    def on_start(self, run: StageRun) -> None:
+    def on_prepare(self, run: StageRun) -> None:
         self._guard = self.build(run.log)
-        if run.need_vram_bytes:
+        if run.need_vram_bytes:  # before the model is loaded onto a device without room
             self._guard.preflight(run.need_vram_bytes)
-        self._guard.observe()
+
+    def on_start(self, run: StageRun) -> None:
+        if self._guard is None:
+            self.on_prepare(run)
+        assert self._guard is not None
+        self._guard.observe()  # the baseline with the model loaded: not a leak
 
     def on_batch(self, run: StageRun) -> None:
         assert self._guard is not None, "on_start was not called"
@@ -96,7 +101,9 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
         self._instance = context.instance
         self._run_id = context.run.run_id if context.run else None
 
-    def on_start(self, run: StageRun) -> None:
+    def on_prepare(self, run: StageRun) -> None:
+        """Start watching before the model loads: a hang there is a stall too (and in a
+        multi-step run the previous stage's last beat says "ended" until this one beats)."""
         from longrun_dagster.heartbeat import Watchdog
 
         host, pid = socket.gethostname(), os.getpid()
@@ -119,6 +126,10 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                              stall_timeout=self.stall_timeout_seconds,
                              enforce=self.watchdog, on_stall=stalled)
         self._dog.start()
+
+    def on_start(self, run: StageRun) -> None:
+        if self._dog is None or self._ended:
+            self.on_prepare(run)
 
     def on_batch(self, run: StageRun) -> None:
         self._dog.progress(batches_done=run.progress.batches_done)

@@ -224,8 +224,6 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     _tag_stage_run(context, spec)
     generation = partitions.take_lease(asset, partition, context.run.run_id)
     frame = _read_upstream(spec, partitions, inputs)
-    if spec.setup is not None:
-        stage.state = spec.setup(stage)
     outcome = _run_loop(spec, fn, stage, frame, partitions, fingerprint, context)
     meta = _stage_metadata(outcome, time.monotonic() - started)
     yield from _judge(spec, outcome, meta, partition)
@@ -314,11 +312,16 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
         stage.batch_index = index
         return fn(batch, stage)
 
+    def setup() -> None:
+        assert spec.setup is not None
+        stage.state = spec.setup(stage)
+
     loop = BatchLoop(batch_fn, frame, batch_size=spec.batch_size, schema=spec.schema,
                      checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
                      name=f"{spec.name}[{stage.partition_key}]", log=context.log,
                      one_row_per_input=spec.one_row_per_input,
-                     need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string())
+                     need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string(),
+                     setup=setup if spec.setup is not None else None)
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:

@@ -155,3 +155,52 @@ def test_a_run_between_stages_is_not_stalled() -> None:
     assert find_stalled([mid_stage], now=2000.0, timeout=300, process_alive=lambda r: False)
     crashed = dataclasses.replace(ended, status="FAILURE", crashed=True)
     assert find_stalled([crashed], now=2000.0, timeout=300, process_alive=lambda r: None)
+
+
+def test_a_stage_is_watched_while_its_model_loads() -> None:
+    """The model load (``setup``) ran before the heartbeat started: in a run of two stages
+    the second stage's load ran under the first stage's last beat, which says "ended", so
+    a hang there was invisible to the sensor and to the watchdog. A load that fails must
+    still stop the watchdog thread."""
+    import threading
+
+    import dagster as dg
+    import pandera.pandas as pa
+
+    from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, model_stage
+    from longrun_dagster.tags import HEARTBEAT, HEARTBEAT_ENDED
+    from tests.helpers import pipeline
+
+    first = pipeline.make_scores(hook_resource_keys=["heartbeat"])
+    beats_during_load: list[str] = []
+    fail_load = threading.Event()
+
+    with tempfile.TemporaryDirectory() as tmp, dg.DagsterInstance.ephemeral() as instance:
+        def load(stage: Any) -> None:
+            run = instance.get_run_by_id(stage.run_id)
+            assert run is not None
+            beats_during_load.append(run.tags.get(HEARTBEAT, ""))
+            if fail_load.is_set():
+                raise RuntimeError("injected: the model does not load")
+
+        second = model_stage(
+            upstream=first, schema=pa.DataFrameSchema({"id": pa.Column(str),
+                                                       "score": pa.Column(float)}),
+            partitions_def=pipeline.DAYS, batch_size=50, setup=load, name="second",
+            hook_resource_keys=["heartbeat"],
+        )(lambda batch, stage: batch[["id", "score"]])
+        resources = {"io_manager": AtomicObjectStoreIOManager(base_uri=tmp),
+                     "heartbeat": Heartbeat(interval_seconds=60, watchdog=False)}
+        loaded_at = time.time()
+        assert dg.materialize([pipeline.texts, first, second], partition_key="2024-01-01",
+                              instance=instance, resources=resources).success
+        [beat] = beats_during_load
+        at, _, pid, _, *state = beat.split("|")
+        assert float(at) >= loaded_at and int(pid) == os.getpid()
+        assert HEARTBEAT_ENDED not in state, f"the load ran under an ended beat: {beat}"
+
+        fail_load.set()
+        failed = dg.materialize([pipeline.texts, first, second], partition_key="2024-01-02",
+                                instance=instance, resources=resources, raise_on_error=False)
+        assert not failed.success
+    assert not [t for t in threading.enumerate() if t.name == "longrun-watchdog"]
