@@ -118,6 +118,24 @@ def test_over_budget_fails_clearly_commits_nothing_and_blocks_downstream(
     assert not check.passed
 
 
+def test_a_finished_checkpoint_does_not_load_the_model_again(
+    io: AtomicObjectStoreIOManager,
+) -> None:
+    """Every batch done (checkpointed) but not committed: a rerun needs no model."""
+    loads: list[str] = []
+
+    def counting_setup(stage: Any) -> Any:
+        loads.append(stage.run_id)
+        return pipeline.load_model(stage)
+
+    stage = make_scores(setup=counting_setup)
+    pipeline.MISBEHAVE["wrong_dtype"] = {0, 1, 2}  # over budget: all batches, no commit
+    assert not run(io, [texts, stage]).success and len(loads) == 1
+    pipeline.CALLS.clear()
+    again = run(io, [texts, stage], selection=[stage])
+    assert not again.success and len(loads) == 1 and pipeline.CALLS == []
+
+
 def test_exception_mid_partition_resumes_byte_identical(
     io: AtomicObjectStoreIOManager, tmp_path: Path
 ) -> None:
