@@ -109,9 +109,29 @@ class Chaos:
             assert chaos.actionable(message), f"{step}: message does not name what failed " \
                 f"and what to do:\n{message}"
 
+    def pending(self, partition: str, selection: list[str]) -> int:
+        """Batches a run of ``selection`` would compute: not committed stages whose upstream
+        is committed or selected too (a committed stage is reused, at most checkpointed
+        batches are skipped)."""
+        batches, ready = 0, True
+        for asset in ASSETS[1:]:  # upstream first
+            committed = self.ledger.partitions.current([asset], partition).manifest is not None
+            if asset in selection and not committed and ready:
+                batches += chaos.BATCHES
+            ready = ready and (committed or asset in selection)
+        return batches
+
+    def choose(self, kind: str) -> tuple[str, list[str], int]:
+        """Partition, selection and its pending batches; a kill or stop aims at a run that
+        has work to do (else most of them land after the worker ended)."""
+        choices = [(p, s) for p in PARTITIONS for s in SELECTIONS]
+        if kind in ("kill-9", "sigstop"):
+            choices = [c for c in choices if self.pending(*c)] or choices
+        partition, selection = self.rng.choice(choices)
+        return partition, selection, self.pending(partition, selection)
+
     def step(self, index: int, kind: str) -> None:
-        partition = self.rng.choice(PARTITIONS)
-        selection = self.rng.choice(SELECTIONS)
+        partition, selection, pending = self.choose(kind)
         what = kind
         if kind == "damage":
             what = self.damage()
@@ -130,7 +150,7 @@ class Chaos:
         worker = self.run(partition, selection)
         killed = False
         if kind in ("kill-9", "sigstop"):
-            if worker.wait_for_batches(self.rng.randint(0, 20 * len(selection) - 1)):
+            if worker.wait_for_batches(self.rng.randint(0, max(pending, 1) - 1)):
                 time.sleep(self.rng.uniform(0, 0.1))
                 if kind == "kill-9":
                     worker.signal(signal.SIGKILL)

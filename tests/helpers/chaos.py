@@ -41,6 +41,8 @@ from tests.helpers.s3proxy import Rule
 ROOT = Path(__file__).parent.parent.parent
 PARTITIONS = ["2024-01-01", "2024-01-02", "2024-01-03"]
 ASSETS = ["texts", "scores", "grades"]
+BATCHES = pipeline.ROWS // 10
+"""Batches per stage and partition (both stages take 10 rows a batch)."""
 
 
 # -- the pipeline ------------------------------------------------------------------------
