@@ -75,6 +75,7 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
 
 HEARTBEAT_TAG = tags.HEARTBEAT
 STALLED_TAG = tags.STALLED
+RUN_ID_TAG = tags.RUN_ID
 
 
 class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -153,4 +154,4 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def _tag(self, tags: dict[str, str]) -> None:
         if self._instance is not None and self._run_id is not None:
-            self._instance.add_run_tags(self._run_id, tags)
+            self._instance.add_run_tags(self._run_id, {**tags, RUN_ID_TAG: self._run_id})

@@ -54,11 +54,13 @@ class RunView:
     stage_ended: bool = False
     """Its last stage step is over (the run may go on with other steps, or wait for a pool
     slot for the next stage): no stage is in progress to stall."""
+    will_retry: bool = False
+    """It failed and Dagster's run retries will re-execute it."""
 
     @classmethod
     def of(cls, run: dg.DagsterRun, started_at: float | None, crashed: bool = False
            ) -> "RunView":
-        tags = run.tags
+        tags = T.own(run.tags, run.run_id, run.parent_run_id)
         progress_at = pid = host = None
         state = ""
         if T.HEARTBEAT in tags:
@@ -75,6 +77,7 @@ class RunView:
             stalled_at=float(tags[T.STALLED]) if T.STALLED in tags else None,
             crashed=crashed, continuation=tags.get(T.CONTINUATION) == "requested",
             segment=int(tags.get(T.SEGMENT, "1")), stage_ended=state == T.HEARTBEAT_ENDED,
+            will_retry=tags.get(T.WILL_RETRY) == "true",
         )
 
 
@@ -115,7 +118,8 @@ def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
 @dataclass(frozen=True)
 class Plan:
     """What to do about one stalled run: ``relaunch`` (with the next attempt number),
-    ``give_up`` (retry budget spent), or ``leave`` (committed, or a live run has it)."""
+    ``give_up`` (retry budget spent), ``leave`` (committed, or a live run has it), or
+    ``dagster_retry`` (Dagster's run retries re-execute it)."""
 
     stalled: Stalled
     action: str
@@ -125,13 +129,17 @@ class Plan:
 
 def continuations(runs: Iterable[RunView]) -> list[RunView]:
     """Failed runs that ended a time-boxed segment on purpose and want the next one."""
-    return [r for r in runs if r.status == "FAILURE" and r.continuation and not r.handled]
+    return [r for r in runs if r.status == "FAILURE" and r.continuation and not r.handled
+            and not r.will_retry]  # Dagster's run retry continues it (in its backfill)
 
 
 def plan(stalled: Stalled, live: Sequence[RunView], committed: bool, budget: int) -> Plan:
     run = stalled.run
     if committed:
         return Plan(stalled, "leave", run.attempt, "its partition is committed already")
+    if run.will_retry:
+        return Plan(stalled, "dagster_retry", run.attempt, "Dagster's run retries re-execute it "
+                    "(as part of its backfill, if any); it resumes from the checkpoint")
     for other in live:
         if other.run_id != run.run_id and other.partition == run.partition and \
                 set(other.assets) & set(run.assets):
@@ -207,7 +215,7 @@ def stalled_run_sensor(
             limit=200)
         views = [_view(rec) for rec in live]
         views += [_view(rec, _crashed(instance, rec.dagster_run)) for rec in failed
-                  if HANDLED_TAG not in rec.dagster_run.tags]
+                  if HANDLED_TAG not in _own(rec.dagster_run)]
         if failed:
             context.update_cursor(str(max(r.update_timestamp.timestamp() for r in failed)))
         pending = instance.get_runs(filters=dg.RunsFilter(
@@ -215,20 +223,24 @@ def stalled_run_sensor(
             updated_after=datetime.fromtimestamp(now - 3600, UTC)), limit=100)
         # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
         # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
-        relaunch = [RunView.of(r, None) for r in pending]
-        requests = [_continue(RunView.of(r, None)) for r in instance.get_runs(
+        relaunch = [v for v in map(_decided, pending) if v.handled == "relaunch"
+                    and not v.will_retry]
+        requests = [_continue(v) for v in map(_decided, instance.get_runs(
             filters=dg.RunsFilter(tags={HANDLED_TAG: "continue"},
                                   updated_after=datetime.fromtimestamp(now - 3600, UTC)),
-            limit=100)]
+            limit=100)) if v.handled == "continue"]
         for run in continuations(views):
             decision = plan(Stalled(run, "segment ended"), views, False, budget=10**9)
             if decision.action == "relaunch":
-                instance.add_run_tags(run.run_id, {HANDLED_TAG: "continue"})
+                _decide(instance, run.run_id, "continue")
                 requests.append(_continue(run))
         for item in find_stalled(views, now, stall_timeout_seconds, process_alive_here):
             decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
             _end(instance, item, decision, kill_grace_seconds, context.log)
-            if decision.action == "relaunch":
+            if decision.action == "relaunch" and _dagster_retries(instance, item.run):
+                context.log.info(f"run {item.run.run_id}: Dagster's run retries re-execute "
+                                 "it; no relaunch")
+            elif decision.action == "relaunch":
                 relaunch.append(item.run)
         requests += [_relaunch(v) for v in relaunch]
         if not requests:
@@ -236,6 +248,28 @@ def stalled_run_sensor(
         yield from requests
 
     return _sensor
+
+
+def _own(run: dg.DagsterRun) -> Any:
+    return T.own(run.tags, run.run_id, run.parent_run_id)
+
+
+def _decided(run: dg.DagsterRun) -> RunView:
+    return RunView.of(run, None)
+
+
+def _decide(instance: dg.DagsterInstance, run_id: str, action: str) -> None:
+    instance.add_run_tags(run_id, {HANDLED_TAG: action, T.RUN_ID: run_id})
+
+
+def _dagster_retries(instance: dg.DagsterInstance, run: RunView) -> bool:
+    """Whether Dagster marked the run (just reported failed) for a re-execution by its run
+    retries: that one keeps the run's backfill and lineage, so it goes instead of ours."""
+    fresh = instance.get_run_by_id(run.run_id)
+    if fresh is None or fresh.tags.get(T.WILL_RETRY) != "true":
+        return False
+    _decide(instance, run.run_id, "dagster_retry")
+    return True
 
 
 def _view(record: Any, crashed: bool = False) -> RunView:
@@ -269,7 +303,7 @@ def _end(instance: dg.DagsterInstance, item: Stalled, decision: Plan, grace: flo
          log: Any) -> None:
     """Terminate the run, make sure its process is gone, mark it failed with the reason."""
     run = item.run
-    instance.add_run_tags(run.run_id, {HANDLED_TAG: decision.action})
+    _decide(instance, run.run_id, decision.action)
     if run.pid is not None and process_alive_here(run) and _stopped(run.pid):
         os.kill(run.pid, signal.SIGKILL)  # frozen (SIGSTOP): it can answer nothing, not even
         # the launcher's terminate, which would block the code server waiting on it

@@ -204,3 +204,43 @@ def test_a_stage_is_watched_while_its_model_loads() -> None:
                                 instance=instance, resources=resources, raise_on_error=False)
         assert not failed.success
     assert not [t for t in threading.enumerate() if t.name == "longrun-watchdog"]
+
+
+def test_a_re_execution_does_not_inherit_its_parents_stall() -> None:
+    """Dagster copies a run's tags to its re-executions (run retries, "re-execute from
+    failure"): the retry of a stalled run read as stalled and handled already (its parent's
+    watchdog tag, the sensor's decision, a dead pid), so it was killed or never watched."""
+    import dagster as dg
+
+    from longrun_dagster import tags as T
+
+    parent_tags = {T.STAGE_RUN: "true", T.ASSETS: "scores", "dagster/partition": "p",
+                   T.HEARTBEAT: "1000.0|3/20|999999|host", T.STALLED: "1100.0",
+                   T.HANDLED: "relaunch", T.RUN_ID: "parent"}
+    parent = dg.DagsterRun(job_name="j", run_id="parent", tags=parent_tags)
+    retry = dg.DagsterRun(job_name="j", run_id="retry", tags=parent_tags,
+                          parent_run_id="parent", root_run_id="parent")
+    view_parent, view_retry = RunView.of(parent, 900.0), RunView.of(retry, 1900.0)
+    assert view_parent.handled == "relaunch" and view_parent.stalled_at == 1100.0
+    assert view_retry.handled is None and view_retry.stalled_at is None
+    assert view_retry.pid is None and view_retry.progress_at is None
+    assert view_retry.assets == ("scores",) and view_retry.partition == "p"
+    assert find_stalled([view_retry], now=2000.0, timeout=300,
+                        process_alive=lambda r: None) == []
+
+
+def test_the_sensor_leaves_a_run_to_dagsters_run_retries() -> None:
+    """With run retries on (deploy/dagster.yaml), Dagster re-executed a stalled run and the
+    sensor relaunched it too: two runs for one partition."""
+    import dataclasses
+
+    from longrun_dagster.sensors import continuations
+
+    failed = view("a", status="FAILURE", crashed=True, partition="p", assets=("scores",))
+    retried = dataclasses.replace(failed, will_retry=True)
+    assert plan(Stalled(failed, "crashed"), [], False, 3).action == "relaunch"
+    decision = plan(Stalled(retried, "crashed"), [], False, 3)
+    assert decision.action == "dagster_retry" and "run retries" in decision.why
+    segment = dataclasses.replace(failed, crashed=False, continuation=True)
+    assert continuations([segment]) == [segment]
+    assert continuations([dataclasses.replace(segment, will_retry=True)]) == []

@@ -20,7 +20,7 @@ import dagster as dg
 import pytest
 
 from longrun_dagster import AtomicObjectStoreIOManager
-from longrun_dagster.sensors import ATTEMPT_TAG, RELAUNCHED_FROM_TAG
+from longrun_dagster.sensors import ATTEMPT_TAG, HANDLED_TAG, RELAUNCHED_FROM_TAG
 from tests.helpers import pipeline
 
 ROOT = Path(__file__).parent.parent
@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.daemon, pytest.mark.timeout(240)]
 class Deployment:
     """DAGSTER_HOME + a code location + a running dagster-daemon."""
 
-    def __init__(self, tmp: Path, *, watchdog: bool, postgres_url: str | None = None) -> None:
+    def __init__(self, tmp: Path, *, watchdog: bool, postgres_url: str | None = None,
+                 run_retries: bool = False) -> None:
         self.home = tmp / "home"
         self.home.mkdir()
         storage = (f"storage:\n  postgres:\n    postgres_url: \"{postgres_url}\"\n"
@@ -40,7 +41,8 @@ class Deployment:
         (self.home / "dagster.yaml").write_text(
             storage + "run_coordinator:\n  module: dagster._core.run_coordinator\n"
             "  class: QueuedRunCoordinator\n  config:\n    dequeue_interval_seconds: 1\n"
-            "telemetry:\n  enabled: false\n")
+            "telemetry:\n  enabled: false\n"
+            + ("run_retries:\n  enabled: true\n  max_retries: 1\n" if run_retries else ""))
         self.workspace = tmp / "workspace.yaml"
         self.workspace.write_text(json.dumps({"load_from": [{"python_module": {
             "module_name": "tests.helpers.stall_defs", "working_directory": str(ROOT)}}]}))
@@ -242,4 +244,34 @@ def test_time_boxed_segments_are_continued_by_the_sensor(
     assert len(segments) >= 2 and segments[-1].run_id == final.run_id
     for earlier in segments[:-1]:
         assert earlier.tags.get("longrun/continuation") == "requested"
+    assert d.committed_sha() == clean_sha
+
+
+def test_with_run_retries_dagster_re_executes_and_the_sensor_does_not(
+    tmp_path: Path, clean_sha: str
+) -> None:
+    """deploy/dagster.yaml turns Dagster's run retries on. A stalled run was then both
+    re-executed by Dagster and relaunched by the sensor (two runs on one partition), and the
+    re-execution inherited its parent's stall tags. Dagster's re-execution (which keeps the
+    run's backfill and lineage) must be the only one, and must resume to the same output."""
+    d = Deployment(tmp_path, watchdog=True, run_retries=True)
+    d.start_daemon()
+    try:
+        d.launch()
+        first = d.wait(lambda runs: runs and pid_of(runs[0]) and runs[0], 60,
+                       "the first run to start its stage")
+        retry = d.wait(lambda runs: next((r for r in runs if r.parent_run_id == first.run_id
+                                          and r.status == dg.DagsterRunStatus.SUCCESS), None),
+                       150, "Dagster's re-execution to finish")
+        time.sleep(4.0)  # several sensor ticks: it must not relaunch the partition as well
+        runs = d.runs()
+    finally:
+        d.stop_daemon()
+    assert {r.run_id for r in runs} == {first.run_id, retry.run_id}, \
+        [(r.run_id[:8], r.status.value, r.parent_run_id) for r in runs]
+    parent = next(r for r in runs if r.run_id == first.run_id)
+    assert parent.tags.get(HANDLED_TAG) == "dagster_retry"
+    with d.instance() as instance:
+        logs = "\n".join(e.user_message for e in instance.all_logs(retry.run_id))
+    assert "resuming from checkpoint" in logs
     assert d.committed_sha() == clean_sha
