@@ -18,6 +18,7 @@ import yaml
 
 from longrun_dagster import AtomicObjectStoreIOManager, ConfigError, model_stage
 from longrun_dagster.components import ModelStageComponent
+from tests.helpers.pipeline import materialization_meta
 
 ROOT = Path(__file__).parent.parent
 TYPE = "longrun_dagster.components.ModelStageComponent"
@@ -95,11 +96,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project
 
 
 def stage_meta(result: dg.ExecuteInProcessResult, asset: str = "counts") -> dict[str, Any]:
-    for event in result.get_asset_materialization_events():
-        mat = event.step_materialization_data.materialization
-        if mat.asset_key.to_user_string() == asset:
-            return {k: v.value for k, v in mat.metadata.items()}
-    raise AssertionError(f"no materialization of {asset}")
+    return materialization_meta(result, asset)
 
 
 def test_yaml_stage_commits_then_reuses_like_the_decorator(project: Project,

@@ -39,11 +39,7 @@ def run(io: AtomicObjectStoreIOManager, assets: list[Any] | None = None,
 
 
 def meta(result: dg.ExecuteInProcessResult, asset: str = "scores") -> dict[str, Any]:
-    for event in result.get_asset_materialization_events():
-        mat = event.step_materialization_data.materialization
-        if mat.asset_key.to_user_string() == asset:
-            return {k: v.value for k, v in mat.metadata.items()}
-    raise AssertionError(f"no materialization of {asset}")
+    return pipeline.materialization_meta(result, asset)
 
 
 def committed_sha(io: AtomicObjectStoreIOManager, asset: str = "scores") -> str:

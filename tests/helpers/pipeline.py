@@ -129,3 +129,12 @@ def committed_sha(base: Any, partition: str, asset: str = "scores") -> str:
     data = manifest.object("data")
     assert data is not None
     return data.sha256
+
+
+def materialization_meta(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    """The metadata values of ``asset``'s materialization in ``result``."""
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        if mat.asset_key.to_user_string() == asset:
+            return {k: v.value for k, v in mat.metadata.items()}
+    raise AssertionError(f"no materialization of {asset}")
