@@ -275,3 +275,22 @@ def test_with_run_retries_dagster_re_executes_and_the_sensor_does_not(
         logs = "\n".join(e.user_message for e in instance.all_logs(retry.run_id))
     assert "resuming from checkpoint" in logs
     assert d.committed_sha() == clean_sha
+
+
+def test_hang_while_the_model_loads_is_a_stall(tmp_path: Path, clean_sha: str) -> None:
+    """The heartbeat started after ``setup``: a model load that hung (a stuck download,
+    CUDA init) was no stall to the watchdog, and in a multi-step run none to the sensor."""
+    d = Deployment(tmp_path, watchdog=True)
+    d.env["HANG_IN"] = "setup"
+    d.start_daemon()
+    try:
+        d.launch()
+        second = d.wait(relaunched, 120, "the relaunched run to finish")
+        runs = d.runs()
+    finally:
+        d.stop_daemon()
+    first = next(r for r in runs if r.run_id == second.tags[RELAUNCHED_FROM_TAG])
+    with d.instance() as instance:
+        logs = "\n".join(e.user_message for e in instance.all_logs(first.run_id))
+    assert "no progress for" in logs and "hanging_load" in logs  # the watchdog's stacks
+    assert d.committed_sha() == clean_sha

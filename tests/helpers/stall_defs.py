@@ -2,6 +2,7 @@
 
 The stage hangs inside batch HANG_AT of the first attempt (while the HANG_MARKER file
 exists), the way a stuck CUDA call hangs: only the watchdog or the sensor can end it.
+With HANG_IN=setup it hangs in its model load instead.
 """
 
 import os
@@ -17,19 +18,31 @@ from tests.helpers import pipeline
 HANG_AT = 7
 
 
-def hanging_score(batch: pd.DataFrame, stage: Any) -> pd.DataFrame:
+def _hang_once() -> None:
     marker = os.environ.get("HANG_MARKER", "")
-    if stage.batch_index == HANG_AT and marker and os.path.exists(marker):
+    if marker and os.path.exists(marker):
         os.unlink(marker)
         while True:
             time.sleep(3600)
+
+
+def hanging_load(stage: Any) -> Any:
+    """The model load hangs (HANG_IN=setup), as a stuck download or CUDA init does."""
+    if os.environ.get("HANG_IN") == "setup":
+        _hang_once()
+    return pipeline.load_model(stage)
+
+
+def hanging_score(batch: pd.DataFrame, stage: Any) -> pd.DataFrame:
+    if stage.batch_index == HANG_AT and os.environ.get("HANG_IN", "batch") == "batch":
+        _hang_once()
     return pipeline.score_batch(batch, stage)
 
 
 scores = model_stage(
     upstream=pipeline.texts, schema=pipeline.Scored, partitions_def=pipeline.DAYS,
     batch_size=10, checkpoint_every_batches=2, checkpoint_every_seconds=3600,
-    setup=pipeline.load_model, name="scores", hook_resource_keys=["heartbeat"],
+    setup=hanging_load, name="scores", hook_resource_keys=["heartbeat"],
     time_budget_seconds=float(os.environ["TIME_BUDGET"]) if os.environ.get("TIME_BUDGET")
     else None,
 )(hanging_score)
