@@ -22,7 +22,8 @@ import pytest
 from dagster_aws.s3 import S3Resource
 
 from longrun_dagster import AtomicObjectStoreIOManager
-from tests.helpers.services import Services, free_port
+from tests.conftest import free_port
+from tests.helpers.services import Services
 
 DAYS = ["2026-11-01", "2026-11-02"]
 LINEAGE = {"records": [], "normalized": ["records"], "embeddings": ["normalized"],
