@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longrun_dagster.commit import PartitionStore
 from longrun_dagster.storage import LocalStore, ObjectStore
-from longrun_dagster.storage.keys import encode_component, partition_prefix
+from longrun_dagster.storage.keys import asset_prefix, encode_component, partition_prefix
 
 HOSTILE = [
     "..", ".", "../../etc/passwd", "a/b", "/abs", "a\\b", "nul\x00byte", "bell\x07\n\r\t",
@@ -42,3 +44,98 @@ def test_hostile_partition_keys_commit_and_read_back(store: ObjectStore, key: st
     assert data == b"payload" and manifest.partition == key
     if isinstance(store, LocalStore):
         assert all(p.resolve().is_relative_to(store.root) for p in store.root.rglob("*"))
+
+
+def _nested_or_shared(prefixes: list[str]) -> list[tuple[str, str]]:
+    """Pairs where one prefix equals or contains the other; sorted, so neighbours suffice:
+    if x is a prefix of y, everything between them in sorted order starts with x too."""
+    ordered = sorted(prefixes)
+    return [(a, b) for a, b in zip(ordered, ordered[1:], strict=False) if b.startswith(a)]
+
+
+def test_user_key_equal_to_a_shortened_name_gets_its_own_folder() -> None:
+    """'~' was never percent-encoded, yet it marks a shortened key: a 115-character user key
+    equal to another key's shortened name encoded to the same folder, and the second
+    partition overwrote the first."""
+    long_key = "k" * 200
+    shortened = encode_component(long_key)
+    assert "~" in shortened and len(shortened) == 115
+    assert partition_prefix(["a"], long_key) != partition_prefix(["a"], shortened)
+    assert partition_prefix([long_key], None) != partition_prefix([shortened], None)
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer"),
+    [
+        ((("a", "_unpartitioned", "_checkpoints"), None), (("a",), None)),
+        ((("a", "_unpartitioned"), None), (("a",), None)),
+        ((("a", "p=1"), None), (("a",), "1")),
+        ((("a", "p=1", "_checkpoints"), "x"), (("a",), "1")),
+        ((("a", "_manifest.json"), None), (("a",), None)),
+    ],
+)
+def test_asset_path_never_lands_in_another_assets_partition(
+    inner: tuple[tuple[str, ...], str | None], outer: tuple[tuple[str, ...], str | None]
+) -> None:
+    """Asset path components were encoded like partition keys, so asset
+    ["a", "_unpartitioned", "_checkpoints"] lived in unpartitioned asset ["a"]'s checkpoint
+    folder and ["a", "p=1"] inside partition "1" of asset ["a"]."""
+    prefixes = [partition_prefix(*inner), partition_prefix(*outer)]
+    assert _nested_or_shared(prefixes) == []
+
+
+def test_ordinary_asset_names_keep_their_folders() -> None:
+    """Existing storage layouts stay readable: plain names are not re-encoded."""
+    assert partition_prefix(["scores"], "2024-01-01") == "scores/p=2024-01-01/"
+    assert partition_prefix(["stage", "my_asset"], None) == "stage/my_asset/_unpartitioned/"
+    assert asset_prefix(["stage", "my_asset"]) == "stage/my_asset/"
+    assert partition_prefix(["stage", "my_asset"], "1").startswith("stage/my_asset/")
+
+
+_LONG = "k" * 200
+_COMPONENTS = [
+    "a", "1", "_unpartitioned", "_checkpoints", "_manifest.json", "_", "p=1", "p=", "=",
+    "~", "%7E", "%5F", "%3D", "", "..", ".", "a/b", _LONG, encode_component(_LONG),
+    "p=" + encode_component(_LONG), "%empty",
+]
+
+
+def test_no_two_small_storage_locations_share_or_nest() -> None:
+    """Every asset path of up to two hostile components, with every partition (or none):
+    no prefix equals or contains another, so no asset or partition can overwrite another."""
+    paths = [(c,) for c in _COMPONENTS] + [(c, d) for c in _COMPONENTS for d in _COMPONENTS]
+    partitions: list[str | None] = [None, *_COMPONENTS]
+    prefixes = [partition_prefix(p, q) for p in paths for q in partitions]
+    assert len(set(prefixes)) == len(prefixes)
+    assert _nested_or_shared(prefixes) == []
+
+
+@st.composite
+def _locations(draw: st.DrawFn) -> list[tuple[tuple[str, ...], str | None]]:
+    """Locations under one drawn base path, so nesting is likely rather than rare; the
+    vocabulary holds a drawn long key beside its own shortened name."""
+    long_key = draw(st.text(min_size=100, max_size=300))
+    shortened = encode_component(long_key)
+    component = st.one_of(
+        st.sampled_from([*_COMPONENTS, long_key, shortened, "p=" + shortened]),
+        st.text(alphabet="_p=~%7E5F3D.k/", max_size=8),
+        st.text(max_size=20),
+    )
+    base = draw(st.lists(component, min_size=1, max_size=2))
+    location = st.tuples(
+        st.lists(component, max_size=2).map(lambda tail: (*base, *tail)),
+        st.none() | component,
+    )
+    return draw(st.lists(location, min_size=2, max_size=8, unique=True))
+
+
+@settings(database=None, max_examples=300)
+@given(_locations())
+def test_distinct_locations_never_share_or_nest(
+    locations: list[tuple[tuple[str, ...], str | None]],
+) -> None:
+    """For any distinct (asset path, partition) pairs, no partition_prefix equals or is a
+    prefix of another (no shared or nested storage)."""
+    prefixes = [partition_prefix(asset, partition) for asset, partition in locations]
+    assert len(set(prefixes)) == len(prefixes)
+    assert _nested_or_shared(prefixes) == []

@@ -2,11 +2,14 @@
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
 from longrun_dagster.errors import CommitConflict, ConfigError, ObjectNotFound
 from longrun_dagster.storage import LocalStore, ObjectStore, S3Store
+from longrun_dagster.storage import local as local_module
+from tests.conftest import s3_client
 
 
 def test_put_get_roundtrip_with_size_token_and_sha256(store: ObjectStore) -> None:
@@ -111,6 +114,65 @@ def test_clean_incomplete_removes_only_old_leftovers(store: ObjectStore) -> None
     assert [i.key for i in store.list("c/")] == ["c/keep"]
 
 
+def test_list_stops_at_the_folder_boundary(store: ObjectStore) -> None:
+    """Listing partition folder a/p=1/ must not return partition a/p=10/'s objects."""
+    store.put("a/p=10/data", b"10")
+    assert list(store.list("a/p=1/")) == []
+    store.put("a/p=1/data", b"1")
+    assert [i.key for i in store.list("a/p=1/")] == ["a/p=1/data"]
+
+
+def test_list_without_a_slash_matches_keys_by_plain_prefix(store: ObjectStore) -> None:
+    """LocalStore.list("a/p=1") walked only folder a/p=1 when it existed and missed
+    a/p=10/, where S3 (and the contract) match every key starting with the prefix."""
+    for key in ("a/p=1/data", "a/p=10/data", "a/q/data"):
+        store.put(key, b"x")
+    assert sorted(i.key for i in store.list("a/p=1")) == ["a/p=1/data", "a/p=10/data"]
+
+
+def test_clean_incomplete_stops_at_the_folder_boundary(store: ObjectStore) -> None:
+    """clean_incomplete("a/p=1/", ...) stripped the trailing slash on S3, so cleaning
+    partition folder a/p=1/ aborted the unfinished multipart uploads of a/p=10/ too."""
+    _leave_incomplete_write(store, "a/p=1/x")
+    _leave_incomplete_write(store, "a/p=10/x")
+    assert store.clean_incomplete("a/p=1/", older_than_s=0) == 1
+    assert _incomplete_writes(store, "a/") == ["a/p=10/x"]
+
+
+@pytest.mark.s3
+def test_clean_incomplete_of_a_whole_store_leaves_its_neighbour_alone(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    """clean_incomplete("") on store s3://bucket/prefix/x matched "prefix/x" without its
+    slash and aborted the unfinished uploads of store s3://bucket/prefix/xy too."""
+    client = s3_client(s3_endpoint)
+    store, neighbour = (S3Store(client, s3_bucket, p) for p in ("prefix/x", "prefix/xy"))
+    _leave_incomplete_write(store, "obj")
+    _leave_incomplete_write(neighbour, "obj")
+    assert store.clean_incomplete("", older_than_s=0) == 1
+    assert _incomplete_writes(neighbour, "") == ["obj"]
+
+
+def test_local_put_makes_every_new_directory_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """put() made missing directories with mkdir(parents=True) and fsynced only the leaf
+    folder, so a power loss could drop a new directory's entry in its parent and with it
+    a committed file."""
+    synced: list[Path] = []
+    real_fsync_dir = local_module._fsync_dir
+
+    def recording_fsync_dir(path: Path) -> None:
+        synced.append(Path(path))
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(local_module, "_fsync_dir", recording_fsync_dir)
+    store = LocalStore(tmp_path / "store")
+    store.put("a/b/c/obj", b"x")
+    root = store.root
+    assert {root, root / "a", root / "a/b", root / "a/b/c"} <= set(synced)
+
+
 def _leave_incomplete_write(store: ObjectStore, key: str) -> int:
     """What a writer killed mid-write leaves behind, made the way the backend makes it."""
     if isinstance(store, LocalStore):
@@ -121,3 +183,16 @@ def _leave_incomplete_write(store: ObjectStore, key: str) -> int:
     assert isinstance(store, S3Store)
     store.client.create_multipart_upload(Bucket=store.bucket, Key=store._key(key))
     return 1
+
+
+def _incomplete_writes(store: ObjectStore, prefix: str) -> list[str]:
+    """Keys of the unfinished writes under ``prefix``, as ``_leave_incomplete_write`` names them."""
+    if isinstance(store, LocalStore):
+        return sorted(
+            (p.parent / p.name.removeprefix(".tmp-deadbeef-")).relative_to(store.root).as_posix()
+            for p in (store.root / prefix).rglob(".tmp-*")
+        )
+    assert isinstance(store, S3Store)
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket,
+                                                  Prefix=store._full_prefix(prefix))
+    return sorted(store._relative(u["Key"]) for u in uploads.get("Uploads", []))

@@ -36,6 +36,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents one level at a time, each made durable
+    in its parent: after a power loss a committed file's whole path is still there."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            pass  # a concurrent writer made it and may not have synced its parent yet
+        _fsync_dir(new.parent)
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) or name.endswith(LOCK_SUFFIX)
 
@@ -57,7 +72,7 @@ class LocalStore(ObjectStore):
         path = self._path(key)
         digest = Sha256InBackground(data)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(path.parent)
             tmp = path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
             try:  # a failed write (disk full) must not leave its partial temp file behind
                 self._write_durably(tmp, data)
@@ -152,8 +167,9 @@ class LocalStore(ObjectStore):
                 yield ObjectInfo(key=key, size=st.st_size, token=_token(st), modified=st.st_mtime)
 
     def _walk(self, prefix: str) -> Iterator[tuple[Path, os.stat_result]]:
-        base = self.root / prefix.rstrip("/") if prefix else self.root
-        start = base if base.is_dir() else base.parent
+        # "a/p=1/" is a folder; "a/p=1" is a plain string prefix and matches a/p=10/ too.
+        base = self.root / prefix if prefix else self.root
+        start = base if prefix.endswith("/") or not prefix else base.parent
         for dirpath, _dirs, files in os.walk(start):
             for name in sorted(files):
                 path = Path(dirpath) / name

@@ -65,6 +65,12 @@ class S3Store(ObjectStore):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _full_prefix(self, prefix: str) -> str:
+        # Keep the trailing '/': without it "a/p=1" also matches "a/p=10/...".
+        if not prefix:
+            return self.prefix + "/" if self.prefix else ""
+        return self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
+
     def _where(self, prefix: str) -> str:
         return f"{self.uri}/{prefix}" if prefix else self.uri
 
@@ -143,11 +149,9 @@ class S3Store(ObjectStore):
         )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        full = self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "") \
-            if prefix else (self.prefix + "/" if self.prefix else "")
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full
+                Bucket=self.bucket, Prefix=self._full_prefix(prefix)
             )
             for page in pages:
                 for obj in page.get("Contents", []):
@@ -166,11 +170,10 @@ class S3Store(ObjectStore):
 
     def clean_incomplete(self, prefix: str, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
-        full = self._key(prefix.rstrip("/")) if prefix else self.prefix
         removed = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=full
+                Bucket=self.bucket, Prefix=self._full_prefix(prefix)
             )
             for page in pages:
                 for up in page.get("Uploads", []):
