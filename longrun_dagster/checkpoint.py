@@ -1,11 +1,16 @@
 """Checkpoints inside a partition: atomic, verified, resumable; no Dagster here.
 
-A checkpoint is a cursor (``cursor-<step>.json``, a checksummed ``Manifest``) naming the
+A checkpoint is a cursor (``cursor-<step>.json``, a checksummed manifest record) naming the
 objects it needs: result shards accumulated so far (a batch stage appends one per save)
 and optionally a state object (a custom loop's model/optimizer state). Objects are written
 first under unique names, the cursor last, so a crash leaves the previous checkpoint
 whole. ``restore`` takes the newest cursor whose objects all verify and says in the log
 when it had to fall back past a damaged one.
+
+Given an ``attempt`` name, a checkpointer writes and prunes only its own folder
+``<prefix><attempt>/``, and restores from any attempt's folder under ``prefix``: an older
+attempt that wakes up (a zombie) can then never overwrite or prune the live attempt's
+cursors and shards, while the live one still resumes from what the zombie saved.
 """
 
 import logging
@@ -17,10 +22,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from longrun_dagster import formats
-from longrun_dagster.commit import Manifest, StoredObject, read_verified
-from longrun_dagster.errors import CorruptObject, ObjectNotFound
+from longrun_dagster import formats, manifest
+from longrun_dagster.errors import CorruptObject, NewerFormat, ObjectNotFound
+from longrun_dagster.manifest import Manifest, StoredObject
 from longrun_dagster.storage import ObjectStore
+from longrun_dagster.verify import read_verified
 
 CURSOR_PREFIX = "cursor-"
 SHARD = "shard:"
@@ -50,14 +56,17 @@ class Checkpointer:
     ``new_shards`` (encoded results since the last save), which accumulate across saves.
     With ``background=True`` a save returns once its bytes are in host memory and is
     written by one background thread; never more than one write is in flight, and the
-    next save or ``flush()`` raises a failed write's error.
+    next save or ``flush()`` raises a failed write's error. With ``attempt``, writes go to
+    ``<prefix><attempt>/`` only (see the module's docstring).
     """
 
     def __init__(self, store: ObjectStore, prefix: str, *, run_id: str = "local",
-                 keep: int = 3, background: bool = False,
+                 keep: int = 3, background: bool = False, attempt: str | None = None,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
         self.store = store
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.own = f"{self.prefix}{attempt}/" if attempt else self.prefix
+        """Where this checkpointer writes; names in cursors are relative to ``prefix``."""
         self.run_id = run_id
         self.keep = max(2, keep)  # the previous one is the fallback for a damaged newest
         self.log = log or _log
@@ -119,38 +128,45 @@ class Checkpointer:
                 created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
                 metadata={**metadata, "step": step},
             )
-            self.store.put(self._cursor_key(step), cursor.to_bytes())
+            self.store.put(self._cursor_key(step), manifest.encode([], None, cursor, None))
             self._shards = shards
             self.saves += 1
             self._prune()
 
     def _put(self, name: str, role: str, data: bytes | memoryview) -> StoredObject:
-        put = self.store.put(self.prefix + name, data)
-        return StoredObject(role, name, put.size, put.sha256)
+        put = self.store.put(self.own + name, data)
+        return StoredObject(role=role, name=self._name(put.key), size=put.size,
+                            digest=put.sha256)
+
+    def _name(self, key: str) -> str:
+        return key[len(self.prefix):]
 
     def _cursor_key(self, step: int) -> str:
-        return f"{self.prefix}{CURSOR_PREFIX}{step:0{STEP_DIGITS}d}.json"
+        return f"{self.own}{CURSOR_PREFIX}{step:0{STEP_DIGITS}d}.json"
 
-    def _cursors(self) -> list[str]:
-        """Cursor keys, newest first."""
-        keys = [i.key for i in self.store.list(self.prefix)
-                if i.key[len(self.prefix):].startswith(CURSOR_PREFIX)]
-        return sorted(keys, reverse=True)
+    def _cursors(self, under: str) -> list[str]:
+        """Cursor keys under ``under`` (any attempt's folder), newest step first."""
+        keys = [i.key for i in self.store.list(under)
+                if i.key.rpartition("/")[2].startswith(CURSOR_PREFIX)]
+        return sorted(keys, key=lambda k: (k.rpartition("/")[2], k), reverse=True)
 
     def _prune(self) -> None:
-        """Keep the newest ``keep`` cursors and the objects they name; delete the rest."""
-        cursors = self._cursors()
+        """Keep this attempt's newest ``keep`` cursors and the objects they name; delete the
+        rest of this attempt's folder (never another attempt's)."""
+        cursors = [k for k in self._cursors(self.own) if k.rpartition("/")[0] + "/" == self.own]
         for key in cursors[self.keep:]:
             self.store.delete(key)
         named: set[str] = set()
         for key in cursors[: self.keep]:
             try:
                 named |= {o.name for o in self._read_cursor(key).objects}
-            except (CorruptObject, ObjectNotFound):
+            except (CorruptObject, ObjectNotFound, NewerFormat):
                 return  # a damaged cursor: keep everything for restore to sort out
-        for info in self.store.list(self.prefix):
-            name = info.key[len(self.prefix):]
-            if not name.startswith(CURSOR_PREFIX) and name not in named:
+        for info in self.store.list(self.own):
+            folder, _, leaf = info.key.rpartition("/")
+            if folder + "/" != self.own or leaf.startswith(CURSOR_PREFIX):
+                continue
+            if self._name(info.key) not in named:
                 self.store.delete(info.key)
 
     # -- restoring -----------------------------------------------------------------------
@@ -159,10 +175,10 @@ class Checkpointer:
         """The newest checkpoint whose cursor and objects all verify, or None."""
         self.flush()
         skipped: list[str] = []
-        for key in self._cursors():
+        for key in self._cursors(self.prefix):
             try:
                 restored = self._load(key, skipped)
-            except (CorruptObject, ObjectNotFound) as exc:
+            except (CorruptObject, ObjectNotFound, NewerFormat) as exc:
                 reason = f"{self.store.uri_of(key)}: {exc}"
                 skipped.append(reason)
                 self.log.warning(f"checkpoint is damaged, falling back to an older one: "
@@ -179,7 +195,12 @@ class Checkpointer:
 
     def _read_cursor(self, key: str) -> Manifest:
         data, token = self.store.get(key)
-        return Manifest.from_bytes(data, token, self.store.uri_of(key))
+        record = manifest.decode(data, token, self.store.uri_of(key))
+        if record.manifest is None:
+            raise CorruptObject(f"checkpoint cursor {self.store.uri_of(key)} names nothing",
+                                uri=self.store.uri_of(key), expected="a cursor",
+                                actual="a claim")
+        return record.manifest
 
     def _load(self, key: str, skipped: list[str]) -> Restored:
         cursor = self._read_cursor(key)
@@ -198,7 +219,8 @@ class Checkpointer:
         return Restored(int(meta.pop("step")), state, shards, meta, skipped, stored_shards)
 
     def clear(self) -> None:
-        """Delete every checkpoint under the prefix (after the partition is committed)."""
+        """Delete every checkpoint under the prefix, every attempt's (once the partition is
+        committed they are dead weight)."""
         self.flush()
         for info in self.store.list(self.prefix):
             self.store.delete(info.key)

@@ -6,13 +6,14 @@
     │   ├── ObjectNotFound           (FileNotFoundError)
     │   │   └── PartitionNotCommitted              no verified manifest for a partition
     │   ├── CommitConflict                         another writer committed first
-    │   └── CorruptObject                          size or SHA-256 differs from the manifest
+    │   │   └── LeaseLost                          a newer attempt claimed the partition
+    │   ├── CorruptObject                          size or SHA-256 differs from the manifest
+    │   └── NewerFormat                            written by a newer longrun-dagster
     ├── UnsupportedOutput            (TypeError)   an object no format can store without pickle
     ├── ValidationFailed                           a stage's output is over its bad-row budget
     ├── CheckpointError                            no usable checkpoint / bad checkpoint state
     ├── Preempted                                  SIGTERM: checkpointed and stopped
     ├── SegmentEnded                               time budget spent: checkpointed, resumable
-    ├── LeaseLost                                  a newer attempt holds the partition's lease
     ├── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
     └── RunStalled                                 no progress within the stall timeout
 
@@ -115,7 +116,16 @@ class SegmentEnded(LongrunError):
 
 
 class LeaseLost(CommitConflict):
-    """This attempt's lease on the partition was superseded by a newer attempt."""
+    """This attempt's claim on the partition was superseded by a newer attempt, or its
+    claim was deleted or damaged while it ran: it must not commit."""
+
+
+class NewerFormat(StorageError):
+    """A manifest or cursor written by a newer longrun-dagster: upgrade, never overwrite."""
+
+    def __init__(self, message: str, *, uri: str, version: int) -> None:
+        super().__init__(message, uri=uri)
+        self.version = version
 
 
 class GpuMemoryExceeded(LongrunError):

@@ -1,8 +1,8 @@
 """AtomicObjectStoreIOManager: Dagster's IO manager interface over the commit protocol."""
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +10,8 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
-from longrun_dagster import formats
-from longrun_dagster.commit import UNSET, Manifest, PartitionStore, describe
+from longrun_dagster.attempt import Reused
+from longrun_dagster.commit import Manifest, PartitionStore
 from longrun_dagster.errors import ConfigError, PartitionNotCommitted
 from longrun_dagster.storage import open_store
 
@@ -19,28 +19,12 @@ BASE_URI_ENV = "LONGRUN_BASE_URI"
 
 
 @dataclass(frozen=True)
-class CommitRequest:
-    """An output with commit details, as a model stage hands it to the IO manager.
-
-    ``expect`` is the manifest token seen when the attempt started (None: no manifest);
-    ``extra`` objects (role -> value), such as quarantined rows, commit in the same manifest;
-    ``after_commit`` runs once the manifest has landed (a stage deletes its checkpoints).
-    """
-
-    value: Any
-    fingerprint: str | None = None
-    expect: str | None = UNSET
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    generation: int | None = None
-    after_commit: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True)
-class AlreadyCommitted:
-    """Marker output: the partition is committed already; record it, write nothing."""
+class CommittedPartition:
+    """Output of a model stage: the partition is committed already (by the stage's own
+    attempt, or reused); the IO manager records it and writes nothing."""
 
     manifest: Manifest
+    reused: bool
 
 
 def default_base_uri() -> str:
@@ -102,8 +86,9 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
     gc_grace_seconds: float = Field(
         default=3600.0,
         description=(
-            "After a commit, unreferenced objects in that partition's folder older than "
-            "this are deleted (readers of the previous version get this long to finish)."
+            "After a commit, objects in that partition's folder that no committed version "
+            "has named for this long are deleted: a reader of a replaced version gets this "
+            "long, counted from its replacement, to finish reading it."
         ),
     )
 
@@ -115,7 +100,8 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
     def _build(self) -> PartitionStore:
         uri = self.base_uri or default_base_uri()
         client = self.s3.get_client() if self.s3 is not None and uri.startswith("s3:") else None
-        return PartitionStore(open_store(uri, s3_client=client))
+        return PartitionStore(open_store(uri, s3_client=client),
+                              gc_grace_seconds=self.gc_grace_seconds)
 
     def partition_store(self) -> PartitionStore:
         """The plain commit-protocol object this IO manager writes through."""
@@ -142,26 +128,14 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
 
     def _handle_one(self, context: dg.OutputContext, key: str | None, obj: Any) -> dict[str, Any]:
         store = self.partition_store()
-        asset = list(context.asset_key.path)
-        if isinstance(obj, AlreadyCommitted):
-            return materialization_metadata(store, obj.manifest, reused=True)
-        request = obj if isinstance(obj, CommitRequest) else CommitRequest(value=obj)
-        encoded = formats.encode(request.value)
-        objects = {"data": (encoded.data, encoded.extension)} if encoded.data else {}
-        for role, value in request.extra.items():
-            extra = formats.encode(value)
-            objects[role] = (extra.data, extra.extension)
-        manifest = store.commit(
-            asset, key, objects, format=encoded.format, rows=encoded.rows,
-            run_id=context.run_id, fingerprint=request.fingerprint,
-            metadata=dict(request.metadata), generation=request.generation,
-            expect=request.expect,
-        )
-        if request.after_commit is not None:
-            request.after_commit()
-        store.collect_garbage_partition(asset, key, older_than_s=self.gc_grace_seconds)
-        context.log.debug(f"committed {describe(asset, key)} at {store.uri(asset, key)}")
-        return materialization_metadata(store, manifest, reused=False)
+        if isinstance(obj, CommittedPartition):
+            return materialization_metadata(store, obj.manifest, reused=obj.reused)
+        attempt = store.begin(list(context.asset_key.path), key, run_id=context.run_id,
+                              log=context.log)
+        result = attempt.commit(obj)
+        context.log.debug(f"committed {attempt.describe()} at {attempt.uri}")
+        return materialization_metadata(store, result.manifest,
+                                        reused=isinstance(result, Reused))
 
     def load_input(self, context: dg.InputContext) -> Any:
         store = self.partition_store()
@@ -191,8 +165,8 @@ def _partition_keys(context: dg.OutputContext | dg.InputContext) -> list[str | N
 def _per_partition(obj: Any, keys: list[str | None], context: dg.OutputContext) -> dict[
     str | None, Any
 ]:
-    if isinstance(obj, AlreadyCommitted):
-        raise ConfigError("AlreadyCommitted covers one partition; return one per partition")
+    if isinstance(obj, CommittedPartition):
+        raise ConfigError("CommittedPartition covers one partition; return one per partition")
     if not isinstance(obj, Mapping) or set(obj) != set(keys):
         raise ConfigError(
             f"asset {context.asset_key.to_user_string()} ran for {len(keys)} partitions in "

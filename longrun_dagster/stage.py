@@ -6,8 +6,6 @@ This module is the thin Dagster shell; the loop itself is ``batches.BatchLoop``.
 annotations at definition time.)
 """
 
-import hashlib
-import json
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -17,7 +15,8 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from longrun_dagster import tags
+from longrun_dagster import fingerprint, tags
+from longrun_dagster.attempt import PartitionAttempt, Reused
 from longrun_dagster.batches import BatchLoop, Cadence, Outcome, StageHook
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.commit import Manifest, PartitionStore, describe
@@ -29,11 +28,10 @@ from longrun_dagster.errors import (
     ValidationFailed,
 )
 from longrun_dagster.formats import parquet
-from longrun_dagster.io_manager import AlreadyCommitted, AtomicObjectStoreIOManager, CommitRequest
+from longrun_dagster.io_manager import AtomicObjectStoreIOManager, CommittedPartition
 from longrun_dagster.validation import Schema, as_schema, failure_sample
 
 CHECK_NAME = "schema_valid_rows"
-CHECKPOINTS = "_checkpoints/"
 STAGE_TAG = "longrun/stage"
 
 
@@ -77,16 +75,37 @@ class StageSpec:
     need_vram_bytes: int | None
     oom_retries: int
 
+    outputs_static: fingerprint.StageStatic = fingerprint.StageStatic("")
+    """Everything but the inputs that changes the committed output (see ``fingerprint``)."""
+    checkpoint_static: fingerprint.StageStatic = fingerprint.StageStatic("")
+    """The same without the bad-row budget, which only judges: raising it after a stage
+    failed its budget commits from the finished checkpoint instead of recomputing."""
+
+    @classmethod
+    def build(cls, **fields: Any) -> "StageSpec":
+        """The spec with its static fingerprint parts; ``ConfigError`` for a config or schema
+        that has no canonical encoding, at definition time."""
+        common = dict(
+            code_version=fields["code_version"], config=fields["config"],
+            schema_description=fingerprint.describe_schema(fields["schema"]),
+            batch_size=fields["batch_size"], one_row_per_input=fields["one_row_per_input"])
+        return cls(**fields,
+                   outputs_static=fingerprint.stage_static(
+                       **common, max_bad_fraction=fields["max_bad_fraction"]),
+                   checkpoint_static=fingerprint.stage_static(**common, max_bad_fraction=0.0))
+
+    def _inputs(self, inputs: Iterable[tuple[str | None, Manifest]]
+                ) -> list[fingerprint.Input]:
+        return [(self.upstream.to_user_string(), key, m.data_version) for key, m in inputs]
+
     def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
-        """Code version + stage config + the data versions of the inputs actually read."""
-        body = {
-            "code_version": self.code_version, "config": dict(self.config),
-            "batch_size": self.batch_size,
-            "inputs": [[self.upstream.to_user_string(), key, m.data_version]
-                       for key, m in inputs],
-        }
-        text = json.dumps(body, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """What decides reuse: code version, config, schema, batching, bad-row budget and
+        the data versions of the inputs actually read."""
+        return fingerprint.stage_fingerprint_from(self.outputs_static, self._inputs(inputs))
+
+    def checkpoint_key(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
+        """Which checkpoints a computation may resume from."""
+        return fingerprint.stage_fingerprint_from(self.checkpoint_static, self._inputs(inputs))
 
 
 def model_stage(
@@ -150,7 +169,7 @@ def model_stage(
         asset_name = name or fn.__name__
         prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
         key = dg.AssetKey([*prefix, asset_name])
-        spec = StageSpec(
+        spec = StageSpec.build(
             name=asset_name, key=key, upstream=up_key, schema=checked_schema,
             batch_size=batch_size, cadence=cadence, max_bad_fraction=max_bad_fraction,
             code_version=code_version, config=dict(config or {}), setup=setup,
@@ -202,40 +221,40 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
              ) -> Generator[Any, None, None]:
     started = time.monotonic()
     partitions = _partition_store(spec, context)
-    asset = list(spec.key.path)
     partition = context.partition_key if context.has_partition_key else None
     inputs = _upstream_manifests(spec, context, partitions)
     fingerprint = spec.fingerprint(inputs)
-    current = partitions.current(asset, partition)
-    if current.damage is not None:
-        context.log.warning(f"{current.damage}; recomputing {describe(asset, partition)}")
-    committed = current.manifest
-    if committed is not None and committed.fingerprint == fingerprint:
-        problems = partitions.check_sizes(committed)
-        if not problems:
-            context.log.info(f"{describe(asset, partition)} is committed with this fingerprint"
-                             f" (run {committed.run_id}); reusing it, the model is not called")
-            yield from _reused(spec, committed, fingerprint)
-            return
-        context.log.warning(f"{describe(asset, partition)} is committed with this fingerprint, "
-                            f"but {'; '.join(problems)}; recomputing it")
+    attempt = partitions.begin(spec.key.path, partition, run_id=context.run.run_id,
+                               fingerprint=fingerprint, log=context.log)
+    reusable = attempt.reusable()
+    if reusable is not None:
+        yield from _reused(spec, attempt, reusable, context)
+        return
+    if attempt.problems:
+        context.log.warning(f"{attempt.describe()} is committed with this fingerprint, but "
+                            f"{'; '.join(attempt.problems)}; recomputing it")
+    claimed = attempt.claim()
+    if isinstance(claimed, Reused):
+        yield from _reused(spec, attempt, claimed.manifest, context)
+        return
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
     _tag_stage_run(context, spec)
-    generation = partitions.take_lease(asset, partition, context.run.run_id)
     frame = _read_upstream(spec, partitions, inputs)
-    outcome = _run_loop(spec, fn, stage, frame, partitions, fingerprint, context)
+    ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs), log=context.log)
+    outcome = _run_loop(spec, fn, stage, frame, ckpt, context)
     meta = _stage_metadata(outcome, time.monotonic() - started)
     yield from _judge(spec, outcome, meta, partition)
-    request = CommitRequest(
-        value=outcome.output, fingerprint=fingerprint,
-        expect=current.token,
+    result = attempt.commit(
+        outcome.output,
         extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
         metadata={k: v for k, v in meta.items() if k != "failure_sample"},
-        generation=generation,
-        after_commit=lambda: clear_checkpoints(partitions, asset, partition),
     )
-    yield _output(request, fingerprint, _dagster_metadata(meta))
+    if isinstance(result, Reused):
+        yield from _reused(spec, attempt, result.manifest, context)
+        return
+    yield _output(CommittedPartition(result.manifest, reused=False), fingerprint,
+                  _dagster_metadata(meta))
 
 
 def _tag_stage_run(context: dg.AssetExecutionContext, spec: StageSpec) -> None:
@@ -300,12 +319,7 @@ def _read_upstream(spec: StageSpec, partitions: PartitionStore,
 
 
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
-              partitions: PartitionStore, fingerprint: str, context: dg.AssetExecutionContext
-              ) -> Outcome:
-    asset = list(spec.key.path)
-    prefix = partitions.prefix(asset, stage.partition_key) + CHECKPOINTS + fingerprint[:16]
-    ckpt = Checkpointer(partitions.store, prefix, run_id=context.run.run_id, background=True,
-                        log=context.log)
+              ckpt: Checkpointer, context: dg.AssetExecutionContext) -> Outcome:
     hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
 
     def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
@@ -386,10 +400,12 @@ def _judge(spec: StageSpec, outcome: Outcome, meta: dict[str, Any], partition: s
     raise dg.Failure(description=message, metadata=_dagster_metadata(meta)) from error
 
 
-def _reused(spec: StageSpec, manifest: Manifest, fingerprint: str
-            ) -> Generator[Any, None, None]:
+def _reused(spec: StageSpec, attempt: PartitionAttempt, manifest: Manifest,
+            context: dg.AssetExecutionContext) -> Generator[Any, None, None]:
+    context.log.info(f"{attempt.describe()} is committed with this fingerprint (run "
+                     f"{manifest.run_id}); reusing it, the model is not called")
     stored = manifest.metadata
-    yield _output(AlreadyCommitted(manifest), fingerprint, {
+    yield _output(CommittedPartition(manifest, reused=True), attempt.fingerprint or "", {
         "model_calls": 0, "wall_seconds": 0.0,
         **{k: stored[k] for k in ("rows_in", "rows_quarantined") if k in stored}})
     yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True,
@@ -404,11 +420,3 @@ def _output(value: Any, fingerprint: str, metadata: Mapping[str, Any]) -> dg.Out
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=) is beta
         return dg.Output(value, data_version=dg.DataVersion(fingerprint[:24]),
                          metadata=dict(metadata))
-
-
-def clear_checkpoints(partitions: PartitionStore, asset: Sequence[str], partition: str | None
-                      ) -> None:
-    """Delete a partition's checkpoints (they are dead weight once it is committed)."""
-    prefix = partitions.prefix(asset, partition) + CHECKPOINTS
-    for info in partitions.store.list(prefix):
-        partitions.store.delete(info.key)

@@ -115,11 +115,17 @@ class Chaos:
         batches are skipped)."""
         batches, ready = 0, True
         for asset in ASSETS[1:]:  # upstream first
-            committed = self.ledger.partitions.current([asset], partition).manifest is not None
+            committed = self.committed(asset, partition)
             if asset in selection and not committed and ready:
                 batches += chaos.BATCHES
             ready = ready and (committed or asset in selection)
         return batches
+
+    def committed(self, asset: str, partition: str) -> bool:
+        try:
+            return self.ledger.partitions.lookup([asset], partition) is not None
+        except CorruptObject:
+            return False  # a damaged record: the partition is recomputed once repaired
 
     def choose(self, kind: str) -> tuple[str, list[str], int]:
         """Partition, selection and its pending batches; a kill or stop aims at a run that
@@ -242,7 +248,7 @@ class Chaos:
         for (asset, partition), key in sorted(self.ledger.damaged.items(),
                                               key=lambda kv: ASSETS.index(kv[0][0])):
             how = "re-materialize"
-            if self.unchanged_size(asset, partition, key):
+            if key.endswith(MANIFEST) or self.unchanged_size(asset, partition, key):
                 how = "delete manifest, re-materialize"  # what the message says to do
                 self.store.delete(self.ledger.manifest_key(asset, partition))
                 del self.ledger.committed[(asset, partition)]
@@ -410,12 +416,13 @@ def test_a_stage_recomputes_a_committed_partition_whose_object_is_cut_short(
         assert pipeline.committed_sha(io, PARTITIONS[0], name) == clean[(name, PARTITIONS[0])]
 
 
-def test_a_damaged_lease_names_itself_and_the_fix(tmp_path: Path) -> None:
+def test_a_damaged_claim_names_itself_and_the_fix(tmp_path: Path) -> None:
     """A damaged _lease.json failed the stage with a bare JSONDecodeError that named
-    neither the object nor what to do."""
+    neither the object nor what to do; the claim now lives in the manifest record."""
     partitions = PartitionStore(LocalStore(tmp_path))
-    partitions.take_lease(["scores"], "p", "r1")
-    flip(partitions.store, partitions.prefix(["scores"], "p") + "_lease.json", cut=True)
+    partitions.begin(["scores"], "p", run_id="r1", fingerprint="f").claim()
+    flip(partitions.store, partitions.prefix(["scores"], "p") + MANIFEST, cut=True)
     with pytest.raises(CorruptObject) as err:
-        partitions.take_lease(["scores"], "p", "r2")
-    assert "_lease.json" in str(err.value) and "delete it and re-materialize" in str(err.value)
+        partitions.begin(["scores"], "p", run_id="r2", fingerprint="f").claim()
+    assert "_manifest.json" in str(err.value) and "delete it" in str(err.value) \
+        and "re-materialize" in str(err.value)

@@ -45,17 +45,18 @@ def test_data_without_manifest_is_never_read(store: ObjectStore) -> None:
 
 def test_conflicting_commit_is_refused_and_first_stays(store: ObjectStore) -> None:
     parts = PartitionStore(store)
-    seen = parts.lookup(A, "2024-01-01")  # both attempts start on an empty partition
-    commit(parts, b"winner", run="a", expect=None)
+    a = parts.begin(A, "2024-01-01", run_id="a")  # both attempts start on an empty partition
+    b = parts.begin(A, "2024-01-01", run_id="b")
+    a.commit_objects({"data": (b"winner", "bin")}, format="json", rows=None)
     with pytest.raises(CommitConflict, match="was committed by run a while run b"):
-        commit(parts, b"loser", run="b", expect=seen)
+        b.commit_objects({"data": (b"loser", "bin")}, format="json", rows=None)
     assert parts.read(A, "2024-01-01")[1] == b"winner"
 
 
-def test_recommit_with_seen_token_replaces_atomically(store: ObjectStore) -> None:
+def test_recommit_replaces_atomically(store: ObjectStore) -> None:
     parts = PartitionStore(store)
-    first = commit(parts, b"v1")
-    commit(parts, b"v2", run="run2", expect=first.token)  # type: ignore[attr-defined]
+    commit(parts, b"v1")
+    commit(parts, b"v2", run="run2")
     manifest, data = parts.read(A, "2024-01-01")
     assert data == b"v2" and manifest.run_id == "run2"
 
@@ -82,7 +83,7 @@ def test_bitflipped_manifest_is_detected(store: ObjectStore) -> None:
     commit(parts, b"x")
     key = parts.prefix(A, "2024-01-01") + MANIFEST
     body = json.loads(store.get(key)[0])
-    body["rows"] = 4  # valid JSON, wrong content
+    body["commit"]["rows"] = 4  # valid JSON, wrong content
     store.put(key, json.dumps(body).encode())
     with pytest.raises(CorruptObject, match="fails its own checksum"):
         parts.lookup(A, "2024-01-01")

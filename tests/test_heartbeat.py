@@ -6,13 +6,8 @@ import threading
 import time
 from typing import Any
 
-import pytest
-
-from longrun_dagster import LeaseLost
-from longrun_dagster.commit import PartitionStore
 from longrun_dagster.heartbeat import EXIT_STALLED, Watchdog
 from longrun_dagster.sensors import RunView, Stalled, find_stalled, plan
-from longrun_dagster.storage import ObjectStore
 
 
 def test_watchdog_publishes_progress_time_not_liveness() -> None:
@@ -89,21 +84,6 @@ def test_plan_relaunches_within_budget_never_twice_never_committed() -> None:
     last = Stalled(view("c", attempt=3), "silent")
     decision = plan(last, [], committed=False, budget=3)
     assert decision.action == "give_up" and "retry budget" in decision.why
-
-
-def test_superseded_lease_cannot_commit(store: ObjectStore) -> None:
-    """A zombie attempt that wakes up after its replacement started must not commit."""
-    partitions = PartitionStore(store)
-    zombie = partitions.take_lease(["scores"], "p", "run-zombie")
-    newer = partitions.take_lease(["scores"], "p", "run-new")
-    assert newer == zombie + 1
-    with pytest.raises(LeaseLost, match="run-new took generation 2"):
-        partitions.commit(["scores"], "p", {"data": (b"old", "bin")}, format="bytes",
-                          rows=None, run_id="run-zombie", generation=zombie)
-    assert partitions.lookup(["scores"], "p") is None
-    partitions.commit(["scores"], "p", {"data": (b"new", "bin")}, format="bytes",
-                      rows=None, run_id="run-new", generation=newer)
-    assert partitions.read(["scores"], "p")[1] == b"new"
 
 
 def test_a_failed_publish_is_retried_and_does_not_stop_the_watchdog() -> None:
