@@ -21,6 +21,7 @@ _EXPORTS = {
     "Heartbeat": "longrun_dagster.resources",
     "LeaseLost": "longrun_dagster.errors",
     "LongrunError": "longrun_dagster.errors",
+    "NewerFormat": "longrun_dagster.errors",
     "Manifest": "longrun_dagster.commit",
     "ModelStageComponent": "longrun_dagster.components",
     "PartitionNotCommitted": "longrun_dagster.errors",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "StorageError": "longrun_dagster.errors",
     "UnsupportedOutput": "longrun_dagster.errors",
     "ValidationFailed": "longrun_dagster.errors",
+    "garbage_collection_job": "longrun_dagster.io_manager",
     "model_stage": "longrun_dagster.stage",
     "open_store": "longrun_dagster.storage",
     "stalled_run_sensor": "longrun_dagster.sensors",
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
     from longrun_dagster.errors import LeaseLost as LeaseLost
     from longrun_dagster.errors import LongrunError as LongrunError
+    from longrun_dagster.errors import NewerFormat as NewerFormat
     from longrun_dagster.errors import PartitionNotCommitted as PartitionNotCommitted
     from longrun_dagster.errors import Preempted as Preempted
     from longrun_dagster.errors import SegmentEnded as SegmentEnded
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
     from longrun_dagster.errors import UnsupportedOutput as UnsupportedOutput
     from longrun_dagster.errors import ValidationFailed as ValidationFailed
     from longrun_dagster.io_manager import AtomicObjectStoreIOManager as AtomicObjectStoreIOManager
+    from longrun_dagster.io_manager import garbage_collection_job as garbage_collection_job
     from longrun_dagster.resources import GpuGuard as GpuGuard
     from longrun_dagster.resources import Heartbeat as Heartbeat
     from longrun_dagster.sensors import stalled_run_sensor as stalled_run_sensor

@@ -297,6 +297,9 @@ class PartitionAttempt:
         try:
             for info in self.store.list(self.layout.checkpoints):
                 self.store.delete(info.key)
+            # Checkpoint writers of this partition are done or fenced out now: their
+            # interrupted writes (a kill -9 mid-save) can go at once.
+            self.store.clean_incomplete(self.layout.checkpoints, 0.0)
             gc.collect(self.store, self.layout.prefix, self.gc_grace_seconds)
         except StorageError as exc:  # committed: what is left is garbage, not a failure
             self.log.warning(f"{self.describe()} is committed, but cleaning up after it "

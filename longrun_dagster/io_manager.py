@@ -175,3 +175,33 @@ def _per_partition(obj: Any, keys: list[str | None], context: dg.OutputContext) 
             f"{type(obj).__qualname__}. Return such a dict, or launch one run per partition"
         )
     return dict(obj)
+
+
+def garbage_collection_job(name: str = "longrun_garbage_collection",
+                           io_manager_key: str = "io_manager") -> dg.JobDefinition:
+    """A job that collects garbage in every partition folder of the store behind
+    ``io_manager_key``: objects no committed version has named for ``gc_grace_seconds``
+    (failed or superseded attempts, replaced versions) and leftovers of interrupted writes
+    (temp files, unfinished multipart uploads). A commit collects its own partition's
+    folder; schedule this job (e.g. daily) for what crashes leave elsewhere."""
+
+    @dg.op(name=f"{name}_op", required_resource_keys={io_manager_key})
+    def collect(context: dg.OpExecutionContext) -> dg.Output[None]:
+        io = getattr(context.resources, io_manager_key)
+        if not isinstance(io, AtomicObjectStoreIOManager):
+            raise ConfigError(f"{name} needs an AtomicObjectStoreIOManager under resource key "
+                              f"{io_manager_key!r}, got {type(io).__qualname__}")
+        report = io.partition_store().collect_garbage()
+        context.log.info(f"garbage collection: {report}")
+        return dg.Output(None, metadata={
+            "partitions_scanned": report.partitions_scanned,
+            "objects_removed": report.objects_removed,
+            "bytes_removed": report.bytes_removed,
+            "incomplete_removed": report.incomplete_removed,
+        })
+
+    @dg.job(name=name, description=garbage_collection_job.__doc__)
+    def job() -> None:
+        collect()
+
+    return job

@@ -386,13 +386,17 @@ def _judge(spec: StageSpec, outcome: Outcome, meta: dict[str, Any], partition: s
                               severity=dg.AssetCheckSeverity.ERROR)
     checked = meta["rows_out"] + meta["rows_quarantined"]
     first = "; ".join(f"{c['column']}: {c['check']} failed on {c['value']!r}"
-                      + (f" (row {c['row']})" if c["row"] is not None else "")
+                      + (f" (row {c['row']} of the partition's output)"
+                         if c["row"] is not None else "")
                       for c in meta["failure_sample"][:3])
     message = (
         f"{describe(spec.key.path, partition)}: {meta['rows_quarantined']} of {checked} output "
         f"rows ({meta['bad_fraction']:.1%}) fail the schema, over the budget of "
         f"{spec.max_bad_fraction:.1%}. First failures: {first}. Nothing was committed and "
-        "downstream stages do not run; fix the model output or raise max_bad_fraction"
+        "downstream stages do not run. The model's output is checkpointed, so re-running "
+        "unchanged fails the same way: raise max_bad_fraction to commit it from the checkpoint "
+        "without calling the model again, or fix the model and change code_version (or its "
+        "config), which recomputes the partition"
     )
     error = ValidationFailed(message, asset=spec.key.to_user_string(), partition=partition,
                              rows_checked=checked, rows_invalid=meta["rows_quarantined"],

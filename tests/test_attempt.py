@@ -3,11 +3,12 @@ backends: fencing without a window, GC counted from replacement, versioned manif
 
 import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from longrun_dagster import formats
+from longrun_dagster import AtomicObjectStoreIOManager, formats, garbage_collection_job
 from longrun_dagster.attempt import Claimed, Committed, Reused
 from longrun_dagster.commit import MANIFEST, PartitionStore
 from longrun_dagster.errors import (
@@ -17,7 +18,7 @@ from longrun_dagster.errors import (
     NewerFormat,
     PartitionNotCommitted,
 )
-from longrun_dagster.storage import ObjectStore
+from longrun_dagster.storage import LocalStore, ObjectStore
 
 A = ["stage", "scores"]
 P = "2024-01-01"
@@ -220,3 +221,30 @@ def test_an_unclaimed_commit_conflict_keeps_the_first(store: ObjectStore) -> Non
     with pytest.raises(CommitConflict):
         two.commit_objects(payload("two"), format="bytes", rows=None)
     assert parts.read(A, P)[1] == b"one"
+
+
+def test_temp_files_left_by_a_hard_exit_are_collected(tmp_path: Path) -> None:
+    """``.tmp-`` files left by a hard exit (kill -9 mid-write) were never cleaned: the
+    post-commit GC of the retry ran inside the grace period, checkpoint clearing skipped
+    them, and nothing swept later. A commit now drops its checkpoint folder's leftovers at
+    once, and the garbage-collection job sweeps the rest once past the grace."""
+    store = LocalStore(tmp_path)
+    parts = PartitionStore(store, gc_grace_seconds=1.0)
+    attempt = parts.begin(A, P, run_id="r", fingerprint="f")
+    attempt.claim()
+    ckpt = attempt.checkpointer(background=False)
+    ckpt.save(1, new_shards=[("valid", b"s")])
+    folder = tmp_path / ckpt.own
+    (folder / ".tmp-dead-shard.parquet").write_bytes(b"torn")  # what kill -9 leaves
+    partition = tmp_path / parts.prefix(A, P)
+    (partition / ".tmp-dead-data.bin").write_bytes(b"torn")
+    attempt.commit_objects(payload("v"), format="bytes", rows=None)
+    assert not list((tmp_path / parts.prefix(A, P) / "_checkpoints").rglob(".tmp-*"))
+    time.sleep(1.2)
+    job = garbage_collection_job()
+    result = job.execute_in_process(
+        resources={"io_manager": AtomicObjectStoreIOManager(base_uri=tmp_path.as_uri(),
+                                                            gc_grace_seconds=1.0)})
+    assert result.success
+    assert not list(tmp_path.rglob(".tmp-*"))
+    assert parts.read(A, P)[1] == b"v"

@@ -106,7 +106,7 @@ def test_over_budget_fails_clearly_commits_nothing_and_blocks_downstream(
                    and e.step_key == "scores")
     message = failure.step_failure_data.error.message  # type: ignore[union-attr]
     for part in ("scores", DAY, "30 of 200", "15.0%", "5.0%", "score",
-                 "raise max_bad_fraction"):
+                 "raise max_bad_fraction", "change code_version", "re-running unchanged"):
         assert part in message, (part, message)
     assert io.partition_store().lookup(["scores"], DAY) is None
     assert -1 not in pipeline.CALLS, "downstream ran on bad data"
@@ -130,6 +130,25 @@ def test_a_finished_checkpoint_does_not_load_the_model_again(
     pipeline.CALLS.clear()
     again = run(io, [texts, stage], selection=[stage])
     assert not again.success and len(loads) == 1 and pipeline.CALLS == []
+
+
+def test_over_budget_then_a_raised_budget_commits_from_the_checkpoint(
+    io: AtomicObjectStoreIOManager,
+) -> None:
+    """The failure said "fix the model output", but a rerun restored the finished checkpoint
+    and failed the same way; the message now says what recomputes. Raising the budget (part
+    of the fingerprint, so a tightened schema or budget is never reused) commits from the
+    checkpoint without calling the model."""
+    pipeline.MISBEHAVE["wrong_dtype"] = {0, 1, 2}
+    assert not run(io, [texts, make_scores()]).success
+    pipeline.CALLS.clear()
+    relaxed = make_scores(max_bad_fraction=0.2)
+    result = run(io, [texts, relaxed], selection=[relaxed])
+    assert result.success and pipeline.CALLS == []
+    assert meta(result)["model_calls"] == 0 and meta(result)["rows_quarantined"] == 30
+    tightened = make_scores(max_bad_fraction=0.1)
+    again = run(io, [texts, tightened], selection=[tightened])
+    assert not again.success, "a tightened budget must not reuse what it would reject"
 
 
 def test_exception_mid_partition_resumes_byte_identical(
