@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AtomicObjectStoreIOManager": "longrun_dagster.io_manager",
     "Checkpointer": "longrun_dagster.checkpoint",
+    "Claimed": "longrun_dagster.attempt",
+    "Committed": "longrun_dagster.attempt",
     "CommitConflict": "longrun_dagster.errors",
     "ConfigError": "longrun_dagster.errors",
     "CorruptObject": "longrun_dagster.errors",
@@ -24,9 +26,11 @@ _EXPORTS = {
     "NewerFormat": "longrun_dagster.errors",
     "Manifest": "longrun_dagster.commit",
     "ModelStageComponent": "longrun_dagster.components",
+    "PartitionAttempt": "longrun_dagster.attempt",
     "PartitionNotCommitted": "longrun_dagster.errors",
     "PartitionStore": "longrun_dagster.commit",
     "Preempted": "longrun_dagster.errors",
+    "Reused": "longrun_dagster.attempt",
     "SegmentEnded": "longrun_dagster.errors",
     "StageContext": "longrun_dagster.stage",
     "StorageError": "longrun_dagster.errors",
@@ -50,6 +54,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from longrun_dagster.attempt import Claimed as Claimed
+    from longrun_dagster.attempt import Committed as Committed
+    from longrun_dagster.attempt import PartitionAttempt as PartitionAttempt
+    from longrun_dagster.attempt import Reused as Reused
     from longrun_dagster.checkpoint import Checkpointer as Checkpointer
     from longrun_dagster.commit import Manifest as Manifest
     from longrun_dagster.commit import PartitionStore as PartitionStore
