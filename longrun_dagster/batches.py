@@ -4,7 +4,8 @@ output, checkpoint every N batches or M seconds, resume, react to SIGTERM and de
 Plain Python (no Dagster): ``stage.py`` wraps it in an asset. Every batch output is
 normalised through a Parquet round trip as soon as it is produced, so a run resumed from
 checkpoint shards and an uninterrupted run concatenate identical frames and commit
-byte-identical output.
+byte-identical output. Rows are numbered within the partition's output, so a failure case
+names the row users look up.
 """
 
 import logging
@@ -23,7 +24,7 @@ import pandera.pandas as pa
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.errors import ConfigError, Preempted, SegmentEnded
 from longrun_dagster.formats import parquet
-from longrun_dagster.validation import Report, reject_all, validate
+from longrun_dagster.validation import Report, empty_frame, reject_all, validate
 
 VALID, QUARANTINE, CASES = "valid", "quarantine", "cases"
 _log = logging.getLogger("longrun_dagster.stage")
@@ -148,6 +149,7 @@ class BatchLoop:
         self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset)
         self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
         self._pending = 0  # batches done since the last checkpoint
+        self._rows_out = 0  # output rows (valid and quarantined) of the batches done
         self._saved_at = time.monotonic()
         self._lock = threading.RLock()  # the loop and the SIGTERM guard both save
         self._stop = threading.Event()
@@ -159,33 +161,52 @@ class BatchLoop:
     def run(self) -> Outcome:
         started = time.monotonic()
         self._resume()
-        meta: dict[str, Any] = {}
         with _on_sigterm(self._sigterm):
             try:
-                for hook in self.hooks:
-                    hook.on_prepare(self.run_info)
-                if self.setup is not None and self.progress.batches_done < \
-                        self.progress.batches_total:  # a finished checkpoint needs no model
-                    self.setup()
-                for hook in self.hooks:
-                    hook.on_start(self.run_info)
+                self._start()
                 self._loop()
             except BaseException:
                 self._save_completed("interrupted")  # lose no completed batch
                 raise
             finally:
                 self._done.set()
-                self.ckpt.close()
-                for hook in self.hooks:  # always: a hook may run a thread (the watchdog)
-                    meta.update(hook.on_end(self.run_info))
+                meta = self._end()
+        valid = self._frames[VALID] or [_normalised(empty_frame(self.schema))]
         return Outcome(
-            output=_concat(self._frames[VALID]), quarantine=_concat(self._frames[QUARANTINE]),
+            output=_concat(valid), quarantine=_concat(self._frames[QUARANTINE]),
             failure_cases=_concat(self._frames[CASES]), rows_in=len(self.frame),
             batches=self.progress.batches_total, checkpoints=self.ckpt.saves,
             resumed_from_batch=self.progress.resumed_from_batch,
             wall_seconds=time.monotonic() - started, model_calls=self.model_calls,
             hook_metadata=meta,
         )
+
+    def _start(self) -> None:
+        for hook in self.hooks:
+            hook.on_prepare(self.run_info)
+        if self.setup is not None and self.progress.batches_done < \
+                self.progress.batches_total:  # a finished checkpoint needs no model
+            self.setup()
+        for hook in self.hooks:
+            hook.on_start(self.run_info)
+
+    def _end(self) -> dict[str, Any]:
+        """Wait for the last checkpoint write and end every hook, whatever failed: a hook
+        may run a thread (the watchdog) that outlives the stage and kills it unless ended.
+        A failed write is only logged: the checkpoint serves resume, the output is whole."""
+        try:
+            self.ckpt.close()
+        except Exception as exc:  # noqa: BLE001 - the loop's outcome or error matters more
+            self.log.error(f"{self.name}: the last checkpoint write failed: {exc}; a rerun "
+                           "resumes from an earlier checkpoint")
+        meta: dict[str, Any] = {}
+        for hook in self.hooks:
+            try:
+                meta.update(hook.on_end(self.run_info))
+            except Exception as exc:  # noqa: BLE001 - the other hooks must end too
+                self.log.error(f"{self.name}: hook {type(hook).__qualname__}.on_end "
+                               f"failed: {exc}")
+        return meta
 
     def _loop(self) -> None:
         logged = time.monotonic()
@@ -216,12 +237,14 @@ class BatchLoop:
                 f"batch {index}; it must return a pandas DataFrame of output rows"
             )
         if self.one_row_per_input and len(out) != len(batch):
-            report = reject_all(batch, "<rows>", "one output row per input row",
-                                f"{len(out)} rows returned for {len(batch)} inputs")
+            report = reject_all(batch, self.schema, "<rows>", "one output row per input row",
+                                f"{len(out)} rows returned for {len(batch)} inputs",
+                                first_row=self._rows_out)
         else:
-            report = validate(out, self.schema)
+            report = validate(out, self.schema, first_row=self._rows_out)
         with self._lock:
             self._add(index, report)
+            self._rows_out += report.rows_checked
             self.progress.batches_done = index + 1
             self.progress.rows_done = min(start + self.batch_size, len(self.frame))
             self.progress.last_progress = time.monotonic()
@@ -246,11 +269,14 @@ class BatchLoop:
         if done > self.progress.batches_total or restored.metadata.get("rows_total") != len(
                 self.frame):
             self.log.warning(f"{self.name}: checkpoint at batch {done} does not match this "
-                             "input; starting from the beginning")
-            self.ckpt.clear()
+                             "input; starting from the beginning (it is left in place)")
+            # restore() adopted its shards for the next save; drop them, or a later resume
+            # would read this input's rows after the other input's.
+            self.ckpt.forget()
             return
         for kind, data in restored.shards:
             self._frames[kind].append(parquet.loads(data))
+        self._rows_out = sum(len(f) for f in self._frames[VALID] + self._frames[QUARANTINE])
         self.progress.batches_done = self.progress.resumed_from_batch = done
         self.progress.rows_done = min(done * self.batch_size, len(self.frame))
         self.progress._rows_at_resume = self.progress.rows_done
@@ -326,9 +352,13 @@ def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Empty frames (a batch with no valid rows) are left out when any frame has rows:
+    pandas counts their dtypes, so an empty ``object`` column would turn int64 into object.
+    The rule holds for shards of frames and for the frames alike, so a resumed run and an
+    uninterrupted one concatenate to the same dtypes."""
     if not frames:
         return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
 
 
 class _on_sigterm:

@@ -218,6 +218,12 @@ class Checkpointer:
         meta = dict(cursor.metadata)
         return Restored(int(meta.pop("step")), state, shards, meta, skipped, stored_shards)
 
+    def forget(self) -> None:
+        """Start over without deleting anything: the next save names only what is saved
+        from now on (for a restored checkpoint the caller rejects)."""
+        with self._lock:
+            self._shards = []
+
     def clear(self) -> None:
         """Delete every checkpoint under the prefix, every attempt's (once the partition is
         committed they are dead weight)."""

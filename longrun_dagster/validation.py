@@ -2,7 +2,8 @@
 
 No Dagster and no storage here. Validation is lazy (every failure at once). A failure tied
 to a row quarantines that row; a failure of the whole frame (a missing or extra column, a
-wrong column dtype) quarantines every row, since none of them can be trusted.
+wrong column dtype) quarantines every row, since none of them can be trusted. Rows are
+numbered as users look them up: from ``first_row``, the partition row of the frame's first.
 """
 
 import json
@@ -22,11 +23,13 @@ class Report:
     """The outcome of validating one frame."""
 
     valid: pd.DataFrame
+    """The valid rows; with none, an empty frame of the schema (``empty_frame``)."""
     quarantined: pd.DataFrame
-    """One row per invalid row: ``row`` (the row as JSON) and ``failures`` (JSON list of
-    ``{"column", "check", "value"}``)."""
+    """One row per invalid row, indexed by its row number (``position``): ``row`` (the row
+    as JSON) and ``failures`` (JSON list of ``{"column", "check", "value"}``)."""
     failure_cases: pd.DataFrame
-    """pandera's failure cases: ``column``, ``check``, ``failure_case``, ``index``."""
+    """pandera's failure cases: ``column``, ``check``, ``failure_case``, ``index`` (the row
+    number; missing for a failure of the whole frame)."""
 
     @property
     def rows_checked(self) -> int:
@@ -50,30 +53,56 @@ def as_schema(schema: Schema) -> pa.DataFrameSchema:
     )
 
 
-def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> Report:
-    """Split ``frame`` (index reset to positions) into valid and quarantined rows."""
-    frame = frame.reset_index(drop=True)
+def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int = 0) -> Report:
+    """Split ``frame`` into valid and quarantined rows, numbering its rows from
+    ``first_row``."""
+    frame = _numbered(frame, first_row)
     try:
-        return Report(schema.validate(frame, lazy=True), _empty_quarantine(), _no_cases())
+        return Report(_valid(schema.validate(frame, lazy=True), schema), _empty_quarantine(),
+                      _no_cases())
     except pa.errors.SchemaErrors as exc:
         cases = _cases(exc.failure_cases)
-    bad = _bad_positions(cases, len(frame))
+    bad = _bad_rows(cases, frame.index)
     good = frame.drop(index=sorted(bad))
     try:
         valid = schema.validate(good, lazy=True) if len(good) else good
     except pa.errors.SchemaErrors as exc:  # a frame-wide check (unique, ...) still fails
         cases = pd.concat([cases, _cases(exc.failure_cases)], ignore_index=True)
-        bad, valid = set(range(len(frame))), frame.iloc[0:0]
-    return Report(valid.reset_index(drop=True), _quarantine(frame, bad, cases), cases)
+        bad, valid = set(frame.index), good.iloc[0:0]
+    return Report(_valid(valid, schema), _quarantine(frame, bad, cases), cases)
 
 
-def reject_all(frame: pd.DataFrame, column: str, check: str, value: str) -> Report:
+def reject_all(frame: pd.DataFrame, schema: pa.DataFrameSchema, column: str, check: str,
+               value: str, *, first_row: int = 0) -> Report:
     """Quarantine every row of ``frame`` for one frame-wide reason (a model that returned
-    the wrong number of rows: its inputs are quarantined, since none has a trusted output)."""
-    frame = frame.reset_index(drop=True)
+    the wrong number of rows: its inputs are quarantined, since none has a trusted output).
+    No row is valid, so ``valid`` is an empty frame of ``schema``, not of ``frame``."""
+    frame = _numbered(frame, first_row)
     cases = pd.DataFrame({"column": [column], "check": [check], "failure_case": [value],
                           "index": [None]})
-    return Report(frame.iloc[0:0], _quarantine(frame, set(range(len(frame))), cases), cases)
+    return Report(empty_frame(schema), _quarantine(frame, set(frame.index), cases), cases)
+
+
+def empty_frame(schema: pa.DataFrameSchema) -> pd.DataFrame:
+    """A frame of no rows with ``schema``'s columns and dtypes: what a frame with no valid
+    rows contributes to an output. A column without a dtype gets ``object``, which says
+    nothing about the values other frames hold (concatenation leaves empty frames out)."""
+    columns = {name: pd.Series([], dtype=_dtype(column.dtype or schema.dtype))
+               for name, column in schema.columns.items() if not column.regex}
+    return pd.DataFrame(columns, index=pd.RangeIndex(0))
+
+
+def _dtype(dtype: Any) -> Any:
+    return object if dtype is None else dtype.type
+
+
+def _numbered(frame: pd.DataFrame, first_row: int) -> pd.DataFrame:
+    """``frame`` indexed by row number, so pandera's failure cases name the user's row."""
+    return frame.set_axis(pd.RangeIndex(first_row, first_row + len(frame)), axis="index")
+
+
+def _valid(valid: pd.DataFrame, schema: pa.DataFrameSchema) -> pd.DataFrame:
+    return valid.reset_index(drop=True) if len(valid) else empty_frame(schema)
 
 
 def _cases(raw: pd.DataFrame) -> pd.DataFrame:
@@ -84,9 +113,9 @@ def _cases(raw: pd.DataFrame) -> pd.DataFrame:
     return cases.reset_index(drop=True)
 
 
-def _bad_positions(cases: pd.DataFrame, rows: int) -> set[int]:
+def _bad_rows(cases: pd.DataFrame, rows: pd.Index) -> set[int]:
     if cases["index"].isna().any():
-        return set(range(rows))
+        return set(rows)
     return {int(i) for i in cases["index"]}
 
 
@@ -94,7 +123,7 @@ def _quarantine(frame: pd.DataFrame, bad: set[int], cases: pd.DataFrame) -> pd.D
     if not bad:
         return _empty_quarantine()
     positions = sorted(bad)
-    rows = frame.iloc[positions].to_json(orient="records", lines=True, default_handler=str)
+    rows = frame.loc[positions].to_json(orient="records", lines=True, default_handler=str)
     records = cases.to_dict("records")
     frame_wide = [_failure(c) for c in records if pd.isna(c["index"])]
     per_row: dict[int, list[dict[str, str]]] = {}
@@ -124,7 +153,8 @@ def _no_cases() -> pd.DataFrame:
 
 
 def failure_sample(cases: pd.DataFrame, limit: int = 5) -> list[dict[str, Any]]:
-    """The first ``limit`` failure cases as plain dicts (for errors and metadata)."""
+    """The first ``limit`` failure cases as plain dicts (for errors and metadata); ``row``
+    is the row number users look up (None for a failure of the whole frame)."""
     return [{"column": c["column"], "check": c["check"], "value": c["failure_case"],
              "row": None if pd.isna(c["index"]) else int(c["index"])}
             for c in cases.head(limit).to_dict("records")]

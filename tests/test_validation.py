@@ -7,7 +7,13 @@ import pandas as pd
 import pandera.pandas as pa
 import pytest
 
-from longrun_dagster.validation import as_schema, failure_sample, validate
+from longrun_dagster.validation import (
+    as_schema,
+    empty_frame,
+    failure_sample,
+    reject_all,
+    validate,
+)
 from tests.helpers.pipeline import Scored
 
 SCHEMA = as_schema(Scored)
@@ -54,3 +60,43 @@ def test_model_class_and_schema_object_are_both_accepted() -> None:
     assert as_schema(schema) is schema
     with pytest.raises(TypeError, match="DataFrameSchema or DataFrameModel"):
         as_schema({"x": int})  # type: ignore[arg-type]
+
+
+def test_rows_are_numbered_from_first_row() -> None:
+    """Failure cases and quarantined rows carried the row's position in the frame (4); a
+    batch starting at partition row 30 must report row 34."""
+    frame = good(10)
+    frame.loc[4, "score"] = 7.5
+    report = validate(frame, SCHEMA, first_row=30)
+    assert list(report.quarantined.index) == [34]
+    assert [c["row"] for c in failure_sample(report.failure_cases)] == [34]
+    assert json.loads(report.quarantined.loc[34, "row"])["id"] == "r4"
+    assert list(report.valid.index) == list(range(9))
+
+
+@pytest.mark.parametrize("damage", ["wrong_dtype", "extra_column", "wrong_length"])
+def test_no_valid_rows_gives_empty_frame_of_the_schema(damage: str) -> None:
+    """A report with no valid rows returned an empty slice of the bad frame (the model's
+    input for a wrong-length output): its columns and dtypes, not the schema's, leaked
+    into the concatenated output."""
+    frame = good()
+    if damage == "wrong_dtype":
+        report = validate(frame.assign(score=frame.score.astype(str)), SCHEMA)
+    elif damage == "extra_column":
+        report = validate(frame.assign(debug=1), SCHEMA)
+    else:
+        report = reject_all(frame[["id"]].assign(text="x"), SCHEMA, "<rows>",
+                            "one output row per input row", "4 rows returned for 5 inputs",
+                            first_row=10)
+        assert list(report.quarantined.index) == list(range(10, 15))
+    assert len(report.valid) == 0
+    assert report.valid.dtypes.to_dict() == validate(good(), SCHEMA).valid.dtypes.to_dict()
+    SCHEMA.validate(report.valid)
+
+
+def test_empty_frame_has_the_schemas_columns() -> None:
+    schema = pa.DataFrameSchema({"n": pa.Column("int64"), "free": pa.Column()})
+    empty = empty_frame(schema)
+    assert list(empty.columns) == ["n", "free"] and len(empty) == 0
+    assert empty.dtypes.to_dict() == {"n": np.dtype("int64"), "free": np.dtype(object)}
+    schema.validate(empty)
