@@ -32,7 +32,7 @@ from longrun_dagster.errors import (
     StorageError,
 )
 from longrun_dagster.layout import PartitionLayout, attempt_folder, object_name
-from longrun_dagster.manifest import Claim, Manifest, Record, StoredObject
+from longrun_dagster.manifest import Claim, Manifest, Record, Retired, StoredObject
 from longrun_dagster.storage import ObjectStore
 
 _log = logging.getLogger("longrun_dagster.attempt")
@@ -170,7 +170,8 @@ class PartitionAttempt:
             claim = Claim(generation=(seen.generation if seen else 0) + 1, run_id=self.run_id,
                           nonce=uuid.uuid4().hex, claimed_at=_now())
             body = manifest.encode(list(self.layout.asset), self.layout.partition,
-                                   seen.manifest if seen else None, claim)
+                                   seen.manifest if seen else None, claim,
+                                   seen.retired if seen else ())
             try:
                 put = self.store.put(self.layout.manifest, body, if_absent=seen is None,
                                      if_match=seen.token if seen else None)
@@ -244,15 +245,31 @@ class PartitionAttempt:
             created_at=_now(), metadata=dict(metadata or {}), generation=generation,
         )
         token = self._claim_token if self._claim else (seen.token if seen else None)
+        retired = self._retired(version.created_at)
         try:
             put = self.store.put(
                 self.layout.manifest,
-                manifest.encode(list(self.layout.asset), self.layout.partition, version, None),
+                manifest.encode(list(self.layout.asset), self.layout.partition, version, None,
+                                retired),
                 if_absent=token is None, if_match=token,
             )
         except CommitConflict as exc:
             return self._lost_race(version, exc)
-        return self._done(version.with_token(put.token))
+        return self._done(Record(manifest=version.with_token(put.token), claim=None,
+                                 token=put.token, retired=retired))
+
+    def _retired(self, now: str) -> list[Retired]:
+        """The replaced version's objects, retired now, and those retired within the grace
+        (older ones are plain orphans to GC, by their write time)."""
+        seen = self._seen
+        if seen is None:
+            return []
+        cutoff = datetime.fromisoformat(now).timestamp() - self.gc_grace_seconds
+        kept = [r for r in seen.retired
+                if datetime.fromisoformat(r.since).timestamp() > cutoff]
+        replaced = [Retired(name=o.name, since=now) for o in seen.manifest.objects] \
+            if seen.manifest else []
+        return kept + replaced
 
     def _lost_race(self, version: Manifest, exc: CommitConflict) -> Committed | Reused:
         current, damage = read_record(self.store, self.layout)
@@ -262,7 +279,7 @@ class PartitionAttempt:
                             f"{damaged_record_fix(where)}", uri=where) from exc
         if current is not None and current.manifest is not None and \
                 current.manifest.objects == version.objects:
-            return self._done(current.manifest)  # ours landed; its answer was lost
+            return self._done(current)  # ours landed; its answer was lost
         if current is None:
             raise LeaseLost(
                 f"{self.describe()}: its record {where}, holding this attempt's claim, was "
@@ -291,20 +308,16 @@ class PartitionAttempt:
             "Re-run the partition if the committed version is not the one you want", uri=where,
         ) from exc
 
-    def _done(self, committed: Manifest) -> Committed:
-        self._seen = Record(manifest=committed, claim=None, token=committed.token)
+    def _done(self, record: Record) -> Committed:
+        assert record.manifest is not None
+        self._seen = record
         self._claim = self._claim_token = None
         try:
-            for info in self.store.list(self.layout.checkpoints):
-                self.store.delete(info.key)
-            # Checkpoint writers of this partition are done or fenced out now: their
-            # interrupted writes (a kill -9 mid-save) can go at once.
-            self.store.clean_incomplete(self.layout.checkpoints, 0.0)
-            gc.collect(self.store, self.layout.prefix, self.gc_grace_seconds)
+            gc.collect_committed(self.store, self.layout.prefix, record, self.gc_grace_seconds)
         except StorageError as exc:  # committed: what is left is garbage, not a failure
             self.log.warning(f"{self.describe()} is committed, but cleaning up after it "
                              f"failed ({exc}); a later commit or collect_garbage() retries")
-        return Committed(committed)
+        return Committed(record.manifest)
 
     def _damaged(self) -> CorruptObject:
         assert self.damage is not None

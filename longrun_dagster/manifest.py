@@ -13,6 +13,7 @@ writer overwrites what it cannot read.
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,6 +52,14 @@ class Claim(_Frozen):
     run_id: str
     nonce: str
     claimed_at: str
+
+
+class Retired(_Frozen):
+    """An object of a replaced version, and when it was replaced: a reader that looked
+    that version up may still read it, so GC keeps it for the grace period from ``since``."""
+
+    name: str
+    since: str
 
 
 class Manifest(_Frozen):
@@ -100,6 +109,7 @@ class Record(_Frozen):
     manifest: Manifest | None
     claim: Claim | None
     token: str
+    retired: list[Retired] = Field(default_factory=list)
 
     @property
     def generation(self) -> int:
@@ -110,12 +120,13 @@ class Record(_Frozen):
 
 
 def encode(asset: list[str], partition: str | None, manifest: Manifest | None,
-           claim: Claim | None) -> bytes:
+           claim: Claim | None, retired: Sequence[Retired] = ()) -> bytes:
     """The bytes of a record (format 2), checksummed."""
     body: dict[str, Any] = {
         "version": FORMAT_VERSION, "asset": list(asset), "partition": partition,
         "commit": manifest.model_dump() if manifest else None,
         "claim": claim.model_dump() if claim else None,
+        "retired": [r.model_dump() for r in retired],
     }
     body["checksum"] = _checksum(body)
     return json.dumps(body, sort_keys=True, indent=1).encode()
@@ -139,8 +150,9 @@ def decode(data: bytes, token: str, uri: str) -> Record:
             raise ValueError(f"unknown format version {version!r}")
         commit, claim = body["commit"], body["claim"]
         manifest = Manifest.model_validate({**commit, "token": token}) if commit else None
+        retired = [Retired.model_validate(r) for r in body.get("retired", [])]
         return Record(manifest=manifest, claim=Claim.model_validate(claim) if claim else None,
-                      token=token)
+                      token=token, retired=retired)
     except (ValueError, KeyError, TypeError, ValidationError) as exc:
         raise _unreadable(uri, exc) from exc
 

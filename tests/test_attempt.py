@@ -248,3 +248,17 @@ def test_temp_files_left_by_a_hard_exit_are_collected(tmp_path: Path) -> None:
     assert result.success
     assert not list(tmp_path.rglob(".tmp-*"))
     assert parts.read(A, P)[1] == b"v"
+
+
+def test_a_commit_collects_versions_retired_longer_than_the_grace_and_keeps_the_rest(
+        store: ObjectStore) -> None:
+    """Counting from the replacement must not mean never: a commit deletes the objects of a
+    version replaced more than the grace ago, and keeps the one it just replaced."""
+    parts = PartitionStore(store, gc_grace_seconds=1.0)
+    v1 = parts.commit(A, P, payload("v1"), format="bytes", rows=None, run_id="r1")
+    v2 = parts.commit(A, P, payload("v2"), format="bytes", rows=None, run_id="r2")
+    time.sleep(1.3)
+    parts.commit(A, P, payload("v3"), format="bytes", rows=None, run_id="r3")
+    names = {i.key.rpartition("/")[2] for i in store.list(parts.prefix(A, P))}
+    assert v1.objects[0].name not in names and v2.objects[0].name in names
+    assert parts.read_object(A, P, v2.objects[0]) == b"v2"

@@ -378,18 +378,26 @@ def flip(store: ObjectStore, key: str, cut: bool = False) -> None:
 
 
 @pytest.mark.parametrize("asset", ["texts", "scores"])
-def test_re_materializing_replaces_a_damaged_manifest(tmp_path: Path,
-                                                      clean: dict[tuple[str, str], str],
-                                                      asset: str) -> None:
+def test_a_damaged_manifest_names_its_repair_and_the_repair_works(
+        tmp_path: Path, clean: dict[tuple[str, str], str], asset: str) -> None:
     """A damaged _manifest.json said "re-materialize the partition", but every
-    re-materialization failed with the same CorruptObject: the writer's lookup of the
-    manifest it was about to replace raised (for a stage and for a plain asset alike)."""
+    re-materialization failed with the same CorruptObject. The record now also holds the
+    partition's claim, so it is never overwritten blindly (that would restart the claim's
+    generation): readers and writers alike say to delete it and re-materialize, and doing
+    exactly that works (for a stage and for a plain asset alike)."""
     io = committed(tmp_path, ["texts", "scores"])
     partitions = io.partition_store()
     key = partitions.prefix([asset], PARTITIONS[0]) + MANIFEST
     flip(partitions.store, key)
-    with pytest.raises(CorruptObject, match="re-materialize the partition"):
+    damaged = partitions.store.get(key)[0]
+    with pytest.raises(CorruptObject, match="delete it .*re-materialize the partition"):
         partitions.lookup([asset], PARTITIONS[0])
+    refused = chaos.materialize(io, PARTITIONS[0], [asset])
+    assert not refused.success
+    [message, *_] = chaos.failures(refused)
+    assert chaos.actionable(message) and "delete it" in message, message
+    assert partitions.store.get(key)[0] == damaged, "a damaged record must not be overwritten"
+    partitions.store.delete(key)  # the repair the message names
     result = chaos.materialize(io, PARTITIONS[0], [asset])
     assert result.success, chaos.failures(result)
     assert chaos.materialize(io, PARTITIONS[0], ["scores", "grades"]).success

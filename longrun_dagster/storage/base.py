@@ -77,9 +77,11 @@ class ObjectStore(ABC):
         """Remove ``key``; removing a missing key is not an error."""
 
     @abstractmethod
-    def clean_incomplete(self, prefix: str, older_than_s: float) -> int:
+    def clean_incomplete(self, prefix: str, older_than_s: float, *,
+                         at_once_under: str | None = None) -> int:
         """Remove leftovers of interrupted writes under ``prefix`` (temp files, unfinished
-        multipart uploads) older than ``older_than_s`` seconds; return how many."""
+        multipart uploads) older than ``older_than_s`` seconds, and those under
+        ``at_once_under`` whatever their age; return how many."""
 
     def exists(self, key: str) -> bool:
         from longrun_dagster.errors import ObjectNotFound

@@ -188,11 +188,14 @@ class LocalStore(ObjectStore):
                 raise StorageError(f"could not delete {self.uri_of(key)}: {exc}",
                                    uri=self.uri_of(key)) from exc
 
-    def clean_incomplete(self, prefix: str, older_than_s: float) -> int:
+    def clean_incomplete(self, prefix: str, older_than_s: float, *,
+                         at_once_under: str | None = None) -> int:
         cutoff = time.time() - older_than_s
         removed = 0
         for path, st in self._walk(prefix):
-            if path.name.startswith(TEMP_PREFIX) and st.st_mtime < cutoff:
+            at_once = at_once_under is not None and \
+                path.relative_to(self.root).as_posix().startswith(at_once_under)
+            if path.name.startswith(TEMP_PREFIX) and (at_once or st.st_mtime < cutoff):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

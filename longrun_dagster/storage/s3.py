@@ -168,8 +168,10 @@ class S3Store(ObjectStore):
         except (ClientError, BotoCoreError) as exc:
             _raise_translated(exc, self.uri_of(key), "delete")
 
-    def clean_incomplete(self, prefix: str, older_than_s: float) -> int:
+    def clean_incomplete(self, prefix: str, older_than_s: float, *,
+                         at_once_under: str | None = None) -> int:
         cutoff = time.time() - older_than_s
+        at_once = self._full_prefix(at_once_under) if at_once_under is not None else None
         removed = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
@@ -177,7 +179,8 @@ class S3Store(ObjectStore):
             )
             for page in pages:
                 for up in page.get("Uploads", []):
-                    if up["Initiated"].timestamp() < cutoff:
+                    if up["Initiated"].timestamp() < cutoff or \
+                            (at_once is not None and up["Key"].startswith(at_once)):
                         self.client.abort_multipart_upload(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
                         )
