@@ -48,13 +48,13 @@ class StageProcess:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
 
-    def wait_for_batch(self) -> None:
+    def wait_for_batch(self, prefix: str = "BATCH") -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
-            if line.startswith("BATCH"):
+            if line.startswith(prefix):
                 return
-        raise AssertionError("stage ended before its first batch:\n" + "".join(self.lines))
+        raise AssertionError(f"stage ended before {prefix!r}:\n" + "".join(self.lines))
 
     def finish(self, timeout: float = 120) -> int:
         out, _ = self.proc.communicate(timeout=timeout)
@@ -124,7 +124,9 @@ def test_sigterm_checkpoints_completed_batches_then_exits(
     base_uri = prepare(tmp_path, "lr")
     proc = StageProcess(base_uri, sleep=batch_sleep, grace=grace)
     proc.wait_for_batch()
-    time.sleep(0.5)  # into the next batch (a long one in the grace-guard case)
+    # Into the next batch, by its own word (a sleep here raced a loaded machine: SIGTERM
+    # landed between batches and the grace-guard case stopped at the boundary instead).
+    proc.wait_for_batch("START 1")
     sent = time.monotonic()
     proc.proc.send_signal(signal.SIGTERM)
     code = proc.finish()

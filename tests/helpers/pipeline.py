@@ -59,6 +59,8 @@ def featurize(text: pd.Series) -> torch.Tensor:
 def score_batch(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     """Score text rows with a small real torch MLP."""
     CALLS.append(stage.batch_index)
+    if os.environ.get("ANNOUNCE_BATCHES"):
+        print(f"START {stage.batch_index}", flush=True)
     delay = float(os.environ.get("BATCH_SLEEP", "0"))
     if delay:
         time.sleep(delay)
