@@ -296,11 +296,10 @@ class PartitionAttempt:
                 "must not commit (nothing to do: the newer attempt commits it)", uri=where,
             ) from exc
         if self._claim is None and current.manifest is not None and self.fingerprint and \
-                current.manifest.fingerprint == self.fingerprint:
-            self._seen = current
-            reused = self.reusable()
-            if reused is not None:
-                return Reused(reused)
+                current.manifest.fingerprint == self.fingerprint and \
+                not check_sizes(self.store, self.layout, current.manifest):
+            self._seen = current  # it ends reusing what it found
+            return Reused(current.manifest)
         by = f" by run {current.manifest.run_id}" if current.manifest else ""
         raise CommitConflict(
             f"{self.describe()} was committed{by} while run {self.run_id} was writing it; "
