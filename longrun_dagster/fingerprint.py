@@ -92,25 +92,6 @@ def stage_fingerprint_from(static: StageStatic, inputs: Sequence[Input]) -> str:
     return digest(body, what="inputs")
 
 
-def stage_fingerprint(
-    *,
-    code_version: str,
-    config: Mapping[str, Any],
-    schema_description: Mapping[str, Any],
-    batch_size: int,
-    one_row_per_input: bool,
-    max_bad_fraction: float,
-    inputs: Sequence[Input],
-) -> str:
-    """``stage_fingerprint_from(stage_static(...), inputs)`` in one call."""
-    static = stage_static(
-        code_version=code_version, config=config, schema_description=schema_description,
-        batch_size=batch_size, one_row_per_input=one_row_per_input,
-        max_bad_fraction=max_bad_fraction,
-    )
-    return stage_fingerprint_from(static, inputs)
-
-
 # --- the encoding ------------------------------------------------------------------------
 
 
