@@ -139,6 +139,10 @@ class ModelStageComponent(dg.Component, dg.Resolvable, dg.Model):
     time_budget_seconds: Annotated[float | None, about(
         "Per-run time box: checkpoint and end cleanly before this many seconds, so a "
         "continuation run resumes the partition. Unset: no time box.")] = None
+    max_partitions_per_run: Annotated[int | None, about(
+        "A backfill runs up to this many partitions in one run (each still its own "
+        "attempt and commit; the model loads once per run); 0: all in one run. Unset: one "
+        "run per partition.")] = None
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return dg.Definitions(assets=[self.build_asset()])
@@ -160,7 +164,15 @@ class ModelStageComponent(dg.Component, dg.Resolvable, dg.Model):
             hook_resource_keys=self.hook_resource_keys,
             sigterm_grace_seconds=self.sigterm_grace_seconds,
             time_budget_seconds=self.time_budget_seconds, tags=self.tags, op_tags=self.op_tags,
+            backfill_policy=self._backfill_policy(),
         )(fn)
+
+    def _backfill_policy(self) -> dg.BackfillPolicy | None:
+        if self.max_partitions_per_run is None:
+            return None
+        if self.max_partitions_per_run == 0:
+            return dg.BackfillPolicy.single_run()
+        return dg.BackfillPolicy.multi_run(self.max_partitions_per_run)
 
     def _check_numbers(self) -> None:
         rules: list[tuple[str, float | None, bool, str]] = [
@@ -173,6 +185,9 @@ class ModelStageComponent(dg.Component, dg.Resolvable, dg.Model):
              "within 0..1; 0.01 allows 1% invalid rows"),
             ("need_vram_mb", self.need_vram_mb, (self.need_vram_mb or 1) >= 1,
              "a positive number of MiB, or unset"),
+            ("max_partitions_per_run", self.max_partitions_per_run,
+             (self.max_partitions_per_run or 0) >= 0,
+             "0 (one run for the whole backfill), a positive number, or unset"),
             ("oom_retries", self.oom_retries, self.oom_retries >= 0, "0 or more"),
             ("sigterm_grace_seconds", self.sigterm_grace_seconds,
              self.sigterm_grace_seconds >= 0, "0 or more seconds"),

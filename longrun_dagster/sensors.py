@@ -24,6 +24,8 @@ ATTEMPT_TAG = T.ATTEMPT
 RELAUNCHED_FROM_TAG = T.RELAUNCHED_FROM
 HANDLED_TAG = T.HANDLED
 PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 LIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
         dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
         dg.DagsterRunStatus.CANCELING)
@@ -56,6 +58,8 @@ class RunView:
     slot for the next stage): no stage is in progress to stall."""
     will_retry: bool = False
     """It failed and Dagster's run retries will re-execute it."""
+    partition_range: tuple[str, str] | None = None
+    """A range run's first and last partition (``partition`` then reads "first...last")."""
 
     @classmethod
     def of(cls, run: dg.DagsterRun, started_at: float | None, crashed: bool = False
@@ -68,10 +72,14 @@ class RunView:
             progress_at, pid = float(at), int(pid_text) if pid_text.isdigit() else None
         keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ()))) or \
             tuple(a for a in tags.get(T.ASSETS, "").split(",") if a)
+        span = (tags[RANGE_START_TAG], tags[RANGE_END_TAG]) \
+            if PARTITION_TAG not in tags and RANGE_START_TAG in tags and RANGE_END_TAG in tags \
+            else None
         return cls(
             run_id=run.run_id, status=run.status.value, started_at=started_at,
             progress_at=progress_at, pid=pid, host=host or None,
-            partition=tags.get(PARTITION_TAG), assets=keys,
+            partition=f"{span[0]}...{span[1]}" if span else tags.get(PARTITION_TAG),
+            partition_range=span, assets=keys,
             attempt=int(tags.get(ATTEMPT_TAG, "1")),
             relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=tags.get(HANDLED_TAG),
             stalled_at=float(tags[T.STALLED]) if T.STALLED in tags else None,
@@ -289,10 +297,12 @@ def _committed_since(instance: dg.DagsterInstance, run: RunView) -> bool:
     run started (then the work is done and relaunching would only reuse it)."""
     if not run.assets or run.started_at is None:
         return False
+    # a range run commits its partitions in order: its last one tells
+    partition = run.partition_range[1] if run.partition_range else run.partition
     for key in run.assets:
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey.from_user_string(key),
-                                  asset_partitions=[run.partition] if run.partition else None,
+                                  asset_partitions=[partition] if partition else None,
                                   after_timestamp=run.started_at), limit=1)
         if not records.records:
             return False
@@ -348,14 +358,23 @@ def _history(instance: dg.DagsterInstance, run: RunView) -> str:
 def _relaunch(run: RunView) -> dg.RunRequest:
     tags = {ATTEMPT_TAG: str(run.attempt + 1), RELAUNCHED_FROM_TAG: run.run_id}
     key = f"relaunch-{run.run_id}"  # at most one relaunch per stalled run, ever
-    return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
-                         asset_selection=[dg.AssetKey.from_user_string(k) for k in run.assets])
+    return _same_partitions(run, key, tags)
 
 
 def _continue(run: RunView) -> dg.RunRequest:
     """The next time-boxed segment of the partition (same attempt, next segment)."""
-    return dg.RunRequest(
-        run_key=f"continue-{run.run_id}", partition_key=run.partition,
-        asset_selection=[dg.AssetKey.from_user_string(k) for k in run.assets],
-        tags={ATTEMPT_TAG: str(run.attempt), T.SEGMENT: str(run.segment + 1),
-              RELAUNCHED_FROM_TAG: run.run_id})
+    return _same_partitions(run, f"continue-{run.run_id}", {
+        ATTEMPT_TAG: str(run.attempt), T.SEGMENT: str(run.segment + 1),
+        RELAUNCHED_FROM_TAG: run.run_id})
+
+
+def _same_partitions(run: RunView, key: str, tags: dict[str, str]) -> dg.RunRequest:
+    """A run of the same assets over the same partition, or the same range (whose committed
+    partitions it reuses, resuming the one in progress from its checkpoint)."""
+    selection = [dg.AssetKey.from_user_string(k) for k in run.assets]
+    if run.partition_range is not None:
+        first, last = run.partition_range
+        return dg.RunRequest(run_key=key, asset_selection=selection, tags={
+            **tags, RANGE_START_TAG: first, RANGE_END_TAG: last})
+    return dg.RunRequest(run_key=key, partition_key=run.partition, tags=tags,
+                         asset_selection=selection)

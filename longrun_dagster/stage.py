@@ -28,7 +28,11 @@ from longrun_dagster.errors import (
     ValidationFailed,
 )
 from longrun_dagster.formats import parquet
-from longrun_dagster.io_manager import AtomicObjectStoreIOManager, CommittedPartition
+from longrun_dagster.io_manager import (
+    AtomicObjectStoreIOManager,
+    CommittedPartition,
+    materialization_metadata,
+)
 from longrun_dagster.validation import Schema, as_schema, failure_sample
 
 CHECK_NAME = "schema_valid_rows"
@@ -136,6 +140,7 @@ def model_stage(
     time_budget_seconds: float | None = None,
     progress_every_seconds: float = 30.0,
     retry_policy: dg.RetryPolicy | None = None,
+    backfill_policy: dg.BackfillPolicy | None = None,
     tags: Mapping[str, str] | None = None,
     op_tags: Mapping[str, Any] | None = None,
 ) -> Callable[[ModelFn], dg.AssetsDefinition]:
@@ -156,6 +161,10 @@ def model_stage(
     batch; a ``GpuMemoryExceeded`` from them checkpoints and asks Dagster for a retry (up
     to ``oom_retries``; a fresh process under the default multiprocess executor).
     ``need_vram_mb`` is checked by the guard before the first batch.
+    With ``backfill_policy=dg.BackfillPolicy.single_run()`` (or ``multi_run(n)``) a
+    backfill runs a range of partitions in one run: each partition is still its own
+    attempt (reuse check, checkpoints, claim, validation, budget, commit, and its own
+    materialization), and ``setup`` loads the model once, only if one of them computes.
     """
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ConfigError(f"max_bad_fraction must be within 0..1, got {max_bad_fraction}; "
@@ -189,7 +198,7 @@ def model_stage(
             required_resource_keys={io_manager_key, *required_resource_keys,
                                     *hook_resource_keys},
             io_manager_key=io_manager_key, code_version=code_version, pool=pool,
-            group_name=group_name, retry_policy=retry_policy,
+            group_name=group_name, retry_policy=retry_policy, backfill_policy=backfill_policy,
             description=description or (fn.__doc__ or "").strip() or None,
             tags={STAGE_TAG: "true", **(tags or {})}, op_tags=dict(op_tags or {}),
             metadata={"longrun/batch_size": batch_size,
@@ -217,44 +226,137 @@ def _asset_key(upstream: dg.AssetsDefinition | dg.AssetKey | str | Sequence[str]
 # -- execution -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Partition:
+    """One partition of a run, done: committed by this run or reused."""
+
+    key: str | None
+    manifest: Manifest
+    reused: bool
+    fingerprint: str
+    metadata: dict[str, Any]
+    """The materialization's metadata (Dagster values)."""
+    check: dict[str, Any]
+    """The schema check's metadata."""
+
+
+class _OverBudget(Exception):  # noqa: N818 - internal signal, never escapes _execute
+    def __init__(self, check: dg.AssetCheckResult, failure: dg.Failure,
+                 error: ValidationFailed) -> None:
+        super().__init__(str(error))
+        self.check, self.failure, self.error = check, failure, error
+
+
+class _ModelOnce:
+    """``setup`` (the model load) at most once per run, only when a partition computes."""
+
+    def __init__(self, setup: SetupFn | None) -> None:
+        self.setup, self.loads, self._state, self._loaded = setup, 0, None, False
+
+    def load_into(self, stage: StageContext) -> None:
+        if not self._loaded and self.setup is not None:
+            self._state = self.setup(stage)
+            self._loaded, self.loads = True, self.loads + 1
+        stage.state = self._state
+
+
 def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
              ) -> Generator[Any, None, None]:
-    started = time.monotonic()
+    """One partition, or each partition of a range run as its own attempt (checkpoints,
+    claim, validation, budget, commit), loading the model once for all of them."""
     partitions = _partition_store(spec, context)
-    partition = context.partition_key if context.has_partition_key else None
-    inputs = _upstream_manifests(spec, context, partitions)
+    keys = _run_partition_keys(context)
+    model = _ModelOnce(spec.setup)
+    done: list[_Partition] = []
+    for key in keys:
+        try:
+            done.append(_one_partition(spec, fn, context, partitions, key, model,
+                                       in_range=len(keys) > 1))
+        except _OverBudget as over:
+            yield from _report_committed(spec, partitions, done, len(keys))
+            yield over.check
+            raise over.failure from over.error
+        except BaseException:
+            yield from _report_committed(spec, partitions, done, len(keys))
+            raise
+    if len(keys) == 1:
+        [one] = done
+        yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata=one.check)
+        yield _output(CommittedPartition(one.manifest, reused=one.reused), one.fingerprint,
+                      one.metadata)
+        return
+    reused = sum(d.reused for d in done)
+    context.log.info(f"{len(done)} partitions of asset {spec.key.to_user_string()}: {reused} "
+                     f"committed already and reused, {len(done) - reused} computed; model "
+                     f"loaded {model.loads} time(s)")
+    for one in done:
+        context.add_asset_metadata(_partition_metadata(partitions, one), partition_key=one.key)
+    yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata={
+        "partitions": len(done), "reused": reused,
+        "rows_quarantined": sum(int(d.check.get("rows_quarantined", 0)) for d in done)})
+    yield dg.Output({d.key: CommittedPartition(d.manifest, reused=d.reused) for d in done},
+                    metadata={"partitions": len(done), "model_loads": model.loads})
+
+
+def _run_partition_keys(context: dg.AssetExecutionContext) -> list[str | None]:
+    if context.has_partition_key:
+        return [context.partition_key]
+    if context.has_partition_key_range:
+        return list(context.partition_keys)
+    return [None]
+
+
+def _partition_metadata(partitions: PartitionStore, one: _Partition) -> dict[str, Any]:
+    """What the IO manager records for a partition, plus what the stage measured."""
+    return {**materialization_metadata(partitions, one.manifest, reused=one.reused),
+            **one.metadata}
+
+
+def _report_committed(spec: StageSpec, partitions: PartitionStore, done: list[_Partition],
+                      total: int) -> Generator[Any, None, None]:
+    """A range run that fails at partition k still reports the partitions it committed
+    before k (they stay committed, and a relaunch reuses them)."""
+    if total == 1:
+        return
+    for one in done:
+        yield dg.AssetMaterialization(asset_key=spec.key, partition=one.key,
+                                      metadata=_partition_metadata(partitions, one))
+
+
+def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext,
+                   partitions: PartitionStore, partition: str | None, model: _ModelOnce,
+                   *, in_range: bool) -> _Partition:
+    started = time.monotonic()
+    inputs = _upstream_manifests(spec, context, partitions, partition, in_range=in_range)
     fingerprint = spec.fingerprint(inputs)
     attempt = partitions.begin(spec.key.path, partition, run_id=context.run.run_id,
                                fingerprint=fingerprint, log=context.log)
     reusable = attempt.reusable()
     if reusable is not None:
-        yield from _reused(spec, attempt, reusable, context)
-        return
+        return _reused(attempt, reusable, context, quiet=in_range)
     if attempt.problems:
         context.log.warning(f"{attempt.describe()} is committed with this fingerprint, but "
                             f"{'; '.join(attempt.problems)}; recomputing it")
     claimed = attempt.claim()
     if isinstance(claimed, Reused):
-        yield from _reused(spec, attempt, claimed.manifest, context)
-        return
+        return _reused(attempt, claimed.manifest, context)
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
     _tag_stage_run(context, spec)
     frame = _read_upstream(spec, partitions, inputs)
     ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs), log=context.log)
-    outcome = _run_loop(spec, fn, stage, frame, ckpt, context)
+    outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context)
     meta = _stage_metadata(outcome, time.monotonic() - started)
-    yield from _judge(spec, outcome, meta, partition)
+    check = _judge(spec, meta, partition)
     result = attempt.commit(
         outcome.output,
         extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
         metadata={k: v for k, v in meta.items() if k != "failure_sample"},
     )
     if isinstance(result, Reused):
-        yield from _reused(spec, attempt, result.manifest, context)
-        return
-    yield _output(CommittedPartition(result.manifest, reused=False), fingerprint,
-                  _dagster_metadata(meta))
+        return _reused(attempt, result.manifest, context)
+    return _Partition(partition, result.manifest, False, fingerprint, _dagster_metadata(meta),
+                      check)
 
 
 def _tag_stage_run(context: dg.AssetExecutionContext, spec: StageSpec) -> None:
@@ -280,8 +382,9 @@ def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> Part
 
 
 def _upstream_manifests(spec: StageSpec, context: dg.AssetExecutionContext,
-                        partitions: PartitionStore) -> list[tuple[str | None, Manifest]]:
-    keys = _upstream_keys(spec, context)
+                        partitions: PartitionStore, partition: str | None, *, in_range: bool
+                        ) -> list[tuple[str | None, Manifest]]:
+    keys = _upstream_keys(spec, context, partition, in_range=in_range)
     found = []
     for key in keys:
         manifest = partitions.lookup(spec.upstream.path, key)
@@ -296,10 +399,14 @@ def _upstream_manifests(spec: StageSpec, context: dg.AssetExecutionContext,
     return found
 
 
-def _upstream_keys(spec: StageSpec, context: dg.AssetExecutionContext) -> list[str | None]:
-    upstream_def = context.job_def.asset_layer.asset_graph.get(spec.upstream)
-    if upstream_def.partitions_def is None:
+def _upstream_keys(spec: StageSpec, context: dg.AssetExecutionContext, partition: str | None,
+                   *, in_range: bool) -> list[str | None]:
+    graph = context.job_def.asset_layer.asset_graph
+    if graph.get(spec.upstream).partitions_def is None:
         return [None]
+    if in_range:  # this partition's own upstream partitions, through the partition mapping
+        mapped = graph.get_parent_partition_keys_for_child(partition, spec.upstream, spec.key)
+        return [*sorted(mapped.partitions_subset.get_partition_keys())]
     return sorted(context.asset_partition_keys_for_input(spec.upstream.to_python_identifier()))
 
 
@@ -319,7 +426,8 @@ def _read_upstream(spec: StageSpec, partitions: PartitionStore,
 
 
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
-              ckpt: Checkpointer, context: dg.AssetExecutionContext) -> Outcome:
+              ckpt: Checkpointer, model: _ModelOnce, context: dg.AssetExecutionContext
+              ) -> Outcome:
     hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
 
     def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
@@ -327,8 +435,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
         return fn(batch, stage)
 
     def setup() -> None:
-        assert spec.setup is not None
-        stage.state = spec.setup(stage)
+        model.load_into(stage)
 
     loop = BatchLoop(batch_fn, frame, batch_size=spec.batch_size, schema=spec.schema,
                      checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
@@ -374,16 +481,15 @@ def _dagster_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _judge(spec: StageSpec, outcome: Outcome, meta: dict[str, Any], partition: str | None
-           ) -> Generator[Any, None, None]:
-    """Fail the partition (nothing committed, downstream blocked) past the bad-row budget."""
+def _judge(spec: StageSpec, meta: dict[str, Any], partition: str | None) -> dict[str, Any]:
+    """The schema check's metadata; past the bad-row budget, ``_OverBudget`` (the
+    partition fails: nothing committed, downstream blocked)."""
     check_meta = {k: meta[k] for k in ("rows_out", "rows_quarantined", "bad_fraction")}
     check_meta["failure_sample"] = dg.MetadataValue.json(meta["failure_sample"])
     if meta["bad_fraction"] <= spec.max_bad_fraction:
-        yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata=check_meta)
-        return
-    yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata=check_meta,
-                              severity=dg.AssetCheckSeverity.ERROR)
+        return check_meta
+    check = dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata=check_meta,
+                                severity=dg.AssetCheckSeverity.ERROR)
     checked = meta["rows_out"] + meta["rows_quarantined"]
     first = "; ".join(f"{c['column']}: {c['check']} failed on {c['value']!r}"
                       + (f" (row {c['row']} of the partition's output)"
@@ -401,20 +507,21 @@ def _judge(spec: StageSpec, outcome: Outcome, meta: dict[str, Any], partition: s
     error = ValidationFailed(message, asset=spec.key.to_user_string(), partition=partition,
                              rows_checked=checked, rows_invalid=meta["rows_quarantined"],
                              failure_cases=meta["failure_sample"])
-    raise dg.Failure(description=message, metadata=_dagster_metadata(meta)) from error
+    failure = dg.Failure(description=message, metadata=_dagster_metadata(meta))
+    raise _OverBudget(check, failure, error)
 
 
-def _reused(spec: StageSpec, attempt: PartitionAttempt, manifest: Manifest,
-            context: dg.AssetExecutionContext) -> Generator[Any, None, None]:
-    context.log.info(f"{attempt.describe()} is committed with this fingerprint (run "
-                     f"{manifest.run_id}); reusing it, the model is not called")
+def _reused(attempt: PartitionAttempt, manifest: Manifest, context: dg.AssetExecutionContext,
+            *, quiet: bool = False) -> _Partition:
+    if not quiet:  # a range run says it once (each log line is an event-log write)
+        context.log.info(f"{attempt.describe()} is committed with this fingerprint (run "
+                         f"{manifest.run_id}); reusing it, the model is not called")
     stored = manifest.metadata
-    yield _output(CommittedPartition(manifest, reused=True), attempt.fingerprint or "", {
-        "model_calls": 0, "wall_seconds": 0.0,
-        **{k: stored[k] for k in ("rows_in", "rows_quarantined") if k in stored}})
-    yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True,
-                              metadata={"reused": True,
-                                        "rows_quarantined": stored.get("rows_quarantined", 0)})
+    metadata: dict[str, Any] = {"model_calls": 0, "wall_seconds": 0.0,
+                **{k: stored[k] for k in ("rows_in", "rows_quarantined") if k in stored}}
+    return _Partition(attempt.layout.partition, manifest, True, attempt.fingerprint or "",
+                      metadata, {"reused": True,
+                                 "rows_quarantined": stored.get("rows_quarantined", 0)})
 
 
 def _output(value: Any, fingerprint: str, metadata: Mapping[str, Any]) -> dg.Output[Any]:

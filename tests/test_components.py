@@ -145,7 +145,8 @@ def test_every_attribute_reaches_the_asset(project: Project) -> None:
         code_version="v7", max_bad_fraction=0.25, hook_resource_keys=["gpu"], pool="gpu",
         group_name="text", description="Counts words.", tags={"team": "nlp"},
         op_tags={"dagster/priority": "3"}, need_vram_mb=512, oom_retries=1,
-        sigterm_grace_seconds=5, time_budget_seconds=600, one_row_per_input=False))
+        sigterm_grace_seconds=5, time_budget_seconds=600, one_row_per_input=False,
+        max_partitions_per_run=25))
     asset = next(a for a in project.load().assets or [] if isinstance(a, dg.AssetsDefinition)
                  and a.key == dg.AssetKey("counts"))
     spec = next(iter(asset.specs))
@@ -158,6 +159,7 @@ def test_every_attribute_reaches_the_asset(project: Project) -> None:
     assert asset.required_resource_keys == {"io_manager", "gpu"}
     assert spec.metadata["longrun/max_bad_fraction"] == 0.25
     assert spec.metadata["longrun/batch_size"] == 4
+    assert asset.backfill_policy == dg.BackfillPolicy.multi_run(25)
 
 
 def test_every_attribute_is_described() -> None:
@@ -183,6 +185,7 @@ BAD = [
     ({"max_bad_fraction": 2.0}, "max_bad_fraction", "within 0..1"),
     ({"oom_retries": -1}, "oom_retries", "0 or more"),
     ({"time_budget_seconds": -5.0}, "time_budget_seconds", "positive"),
+    ({"max_partitions_per_run": -1}, "max_partitions_per_run", "0 (one run for the whole"),
     ({"upstream": " "}, "upstream", "asset key"),
 ]
 
