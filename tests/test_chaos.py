@@ -5,8 +5,9 @@ run worker processes against S3 (moto server) behind a fault-injecting proxy on 
 Each step picks a partition, which stages to materialize, and one fault: kill -9 of the
 worker after a random number of batches, SIGSTOP then kill or continue, a burst of S3
 faults (5xx, 503 SlowDown, connection reset before or after forwarding, slow answers),
-damage to a random stored object (committed data, a manifest, a checkpoint cursor or
-shard, a lease: a bit flip or a truncation, written straight to the bucket), or none.
+damage to a random stored object (committed data, a manifest record with its claim, a
+checkpoint cursor or shard: a bit flip or a truncation, written straight to the bucket),
+or none.
 A second, smaller loop fills a real small disk (tmpfs) under the local backend.
 
 After every step: (a) a committed partition keeps its manifest (run id, fingerprint)
@@ -14,7 +15,8 @@ unless the test damaged it; (b) every committed partition verifies and its data 
 the clean run's bytes, or, where the test damaged it, reading it raises CorruptObject
 naming the damaged object; (c) every failed step's messages name what failed and say
 what to do. At the end, after the repair the messages name and fault-free runs, (d) every
-partition's data equals the clean run's byte for byte (SHA-256).
+partition's data equals the clean run's byte for byte (SHA-256); and throughout, (e) a
+partition's claim generation never goes back.
 
     LONGRUN_CHAOS_SEED=<n>    replay a run (the seed is printed; CI runs fixed seeds, the
                               soaks new random ones)
@@ -71,7 +73,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], str
         for partition in PARTITIONS:
             manifest = io.partition_store().lookup([asset], partition)
             assert manifest is not None and (data := manifest.object("data")) is not None
-            digests[(asset, partition)] = data.sha256
+            digests[(asset, partition)] = data.digest
     return digests
 
 
@@ -88,7 +90,6 @@ class Chaos:
     faults: Counter[str] = field(default_factory=Counter)
     failed_steps: int = 0
     messages: list[str] = field(default_factory=list)
-    damaged_leases: set[str] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
 
     @property
@@ -213,21 +214,16 @@ class Chaos:
         data, _ = self.store.get(key)
         bad, how = chaos.damage(data, self.rng)
         self.store.put(key, bad)
-        if kind == "lease":
-            self.damaged_leases.add(key)
         if kind in ("manifest", "data"):
             asset, partition = owner(self.ledger.partitions, key)
             self.ledger.damaged[(asset, partition)] = key
         return f"damage {kind} {key}: {how}"
 
     def damage_targets(self) -> dict[str, set[str]]:
-        targets: dict[str, set[str]] = {"manifest": set(), "data": set(), "checkpoint": set(),
-                                        "lease": set()}
+        targets: dict[str, set[str]] = {"manifest": set(), "data": set(), "checkpoint": set()}
         for info in self.store.list(""):
             if "/_checkpoints/" in info.key:
                 targets["checkpoint"].add(info.key)
-            elif info.key.endswith("/_lease.json"):
-                targets["lease"].add(info.key)
         for asset in ASSETS:
             for partition in PARTITIONS:
                 if (asset, partition) in self.ledger.damaged:
@@ -242,17 +238,13 @@ class Chaos:
 
     def finish(self) -> None:
         """(d): the repair the messages name, then fault-free runs of every partition."""
-        for key in sorted(self.damaged_leases):
-            self.store.delete(key)  # "delete it and re-materialize the partition"
-            self.log.append(f"repair {key}: delete the damaged lease")
         for (asset, partition), key in sorted(self.ledger.damaged.items(),
                                               key=lambda kv: ASSETS.index(kv[0][0])):
             how = "re-materialize"
             if key.endswith(MANIFEST) or self.unchanged_size(asset, partition, key):
                 how = "delete manifest, re-materialize"  # what the message says to do
                 self.store.delete(self.ledger.manifest_key(asset, partition))
-                del self.ledger.committed[(asset, partition)]
-                del self.ledger.damaged[(asset, partition)]
+                self.ledger.forget((asset, partition))
             worker = self.run(partition, [asset])
             code = worker.finish()
             self.log.append(f"repair {asset}[{partition}] ({key.rsplit('/', 1)[1]}): "
@@ -271,7 +263,7 @@ class Chaos:
         for key, digest in self.ledger.clean.items():
             manifest = self.ledger.partitions.lookup([key[0]], key[1])
             assert manifest is not None and (data := manifest.object("data")) is not None
-            assert data.sha256 == digest, f"{key}: final output differs from a clean run"
+            assert data.digest == digest, f"{key}: final output differs from a clean run"
 
 
 def owner(partitions: PartitionStore, key: str) -> tuple[str, str]:

@@ -34,7 +34,9 @@ import torch
 from dagster_aws.s3 import S3Resource
 
 from longrun_dagster import AtomicObjectStoreIOManager, CorruptObject, StageContext, model_stage
+from longrun_dagster.attempt import read_record
 from longrun_dagster.commit import MANIFEST, Manifest, PartitionStore
+from longrun_dagster.layout import PartitionLayout
 from tests.helpers import pipeline
 from tests.helpers.s3proxy import Rule
 
@@ -213,7 +215,7 @@ def damage(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 S3_FAULTS = ["500", "503", "reset-before", "reset-after", "delay"]
-S3_TARGETS = ["", "_manifest.json", "/data-", "_checkpoints", "_lease.json", "cursor-"]
+S3_TARGETS = ["", "_manifest.json", "/data-", "_checkpoints", "cursor-"]
 
 
 def fault_burst(rng: random.Random) -> list[Rule]:
@@ -255,6 +257,8 @@ class Ledger:
     committed: dict[tuple[str, str], tuple[str, str | None]] = field(default_factory=dict)
     damaged: dict[tuple[str, str], str] = field(default_factory=dict)  # -> key damaged
     recomputed_after_damage: int = 0
+    generations: dict[tuple[str, str], int] = field(default_factory=dict)
+    """The newest claim generation seen per partition: claims never go back."""
 
     def manifest_key(self, asset: str, partition: str) -> str:
         return self.partitions.prefix([asset], partition) + MANIFEST
@@ -275,11 +279,27 @@ class Ledger:
             assert exc.uri.endswith(self.manifest_key(asset, partition)) and \
                 self.manifest_key(asset, partition) in str(exc), f"{name}: {exc}"
             return
+        self._check_generation(key, name)
         if manifest is None:
             assert key not in self.committed, f"{name}: a committed partition vanished"
             return
         self._check_not_recomputed(key, manifest, name)
         self._check_data(key, manifest, name)
+
+    def _check_generation(self, key: tuple[str, str], name: str) -> None:
+        record, _ = read_record(self.partitions.store, PartitionLayout.of([key[0]], key[1]))
+        if record is None:
+            return
+        seen = self.generations.get(key, 0)
+        assert record.generation >= seen, \
+            f"{name}: claim generation went back from {seen} to {record.generation}"
+        self.generations[key] = record.generation
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """The test deleted the partition's record (the repair a message named)."""
+        self.committed.pop(key, None)
+        self.damaged.pop(key, None)
+        self.generations.pop(key, None)
 
     def _check_not_recomputed(self, key: tuple[str, str], manifest: Manifest,
                               name: str) -> None:
@@ -304,7 +324,7 @@ class Ledger:
             return
         stored = manifest.object("data")
         assert stored is not None
-        assert stored.sha256 == self.clean[key], f"{name}: committed data differs from clean"
+        assert stored.digest == self.clean[key], f"{name}: committed data differs from clean"
         assert key not in self.damaged or self.damaged[key].endswith(MANIFEST), \
             f"{name}: damaged object reads as intact"
 
