@@ -235,7 +235,8 @@ class PartitionAttempt:
             put = self.store.put(self.layout.key(object_name(role, self.run_id, extension)),
                                  data)
             stored.append(StoredObject(role=role, name=put.key.rpartition("/")[2],
-                                       size=put.size, digest=put.sha256))
+                                       size=put.size, digest=put.digest,
+                                       algorithm=put.algorithm))
         seen = self._seen
         generation = self._claim.generation if self._claim else (
             (seen.generation if seen else 0) + 1)

@@ -136,7 +136,7 @@ class Checkpointer:
     def _put(self, name: str, role: str, data: bytes | memoryview) -> StoredObject:
         put = self.store.put(self.own + name, data)
         return StoredObject(role=role, name=self._name(put.key), size=put.size,
-                            digest=put.sha256)
+                            digest=put.digest, algorithm=put.algorithm)
 
     def _name(self, key: str) -> str:
         return key[len(self.prefix):]

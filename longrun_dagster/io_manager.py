@@ -46,7 +46,8 @@ def materialization_metadata(
         "uri": dg.MetadataValue.path(uri),
         "bytes": manifest.size,
         "format": manifest.format,
-        "sha256": data.sha256 if data else "",
+        "digest": data.digest if data else "",
+        "digest_algorithm": data.algorithm if data else "",
         "reused": reused,
         "committed_by_run": manifest.run_id,
         # not "data_version": the UI already shows Dagster's data version (the fingerprint)

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from longrun_dagster.errors import CorruptObject, NewerFormat
 
 FORMAT_VERSION = 2
-DIGEST_ALGORITHM = "sha256"
+UNNAMED_ALGORITHM = "sha256"
+"""The digest algorithm of an object whose record names none (written up to 0.1)."""
 
 
 class _Frozen(BaseModel):
@@ -30,17 +31,22 @@ class _Frozen(BaseModel):
 
 class StoredObject(_Frozen):
     """One object a manifest names: its role (``data``, ``quarantine``, ``shard:valid``...),
-    its name inside the folder, its size, and its digest."""
+    its name inside the folder, its size, its digest and the algorithm that made it
+    (``blake3`` since 0.2, ``sha256`` before: both verify)."""
 
     role: str
     name: str
     size: int
     digest: str
-    algorithm: str = DIGEST_ALGORITHM
+    algorithm: str = UNNAMED_ALGORITHM
 
     @property
     def sha256(self) -> str:
-        """The SHA-256 of the object (the only algorithm written so far)."""
+        """The SHA-256 of the object, for an object recorded with one; compare ``digest``
+        (with ``algorithm``) instead: objects written since 0.2 carry a BLAKE3 digest."""
+        if self.algorithm != "sha256":
+            raise ValueError(f"object {self.name} records a {self.algorithm} digest, not a "
+                             "sha256 one; read StoredObject.digest and .algorithm")
         return self.digest
 
 
@@ -178,7 +184,8 @@ def _from_version_1(body: dict[str, Any], token: str) -> Record:
     body = dict(body)
     body.pop("version")
     body["objects"] = [{"role": o["role"], "name": o["name"], "size": o["size"],
-                        "digest": o["sha256"]} for o in body["objects"]]
+                        "digest": o["sha256"], "algorithm": "sha256"}
+                       for o in body["objects"]]
     return Record(manifest=Manifest.model_validate({**body, "token": token}), claim=None,
                   token=token)
 

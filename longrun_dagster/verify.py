@@ -1,12 +1,12 @@
 """Verified reads: an object's bytes only once their size and digest match what names them."""
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from longrun_dagster.errors import ConfigError, CorruptObject, ObjectNotFound
 from longrun_dagster.manifest import StoredObject
 from longrun_dagster.storage import ObjectStore
+from longrun_dagster.storage.base import new_hasher
 
 
 def read_verified(store: ObjectStore, key: str, stored: StoredObject, *, owner: str,
@@ -36,7 +36,11 @@ def read_verified(store: ObjectStore, key: str, stored: StoredObject, *, owner: 
 
 
 def digest_of(data: bytes | memoryview, algorithm: str, uri: str) -> str:
-    if algorithm != "sha256":
+    """The ``algorithm`` digest of ``data``, for any algorithm a manifest may name."""
+    try:
+        hasher = new_hasher(algorithm)
+    except KeyError:
         raise ConfigError(f"{uri} records a {algorithm} digest, which this longrun-dagster "
-                          "cannot check; upgrade longrun-dagster")
-    return hashlib.sha256(data).hexdigest()
+                          "cannot check; upgrade longrun-dagster") from None
+    hasher.update(data)
+    return hasher.hexdigest()

@@ -206,7 +206,7 @@ def test_damaged_bytes_are_never_decoded(store: ObjectStore,
     real = formats.decode
     monkeypatch.setattr(formats, "decode",
                         lambda fmt, data: decoded.append(fmt) or real(fmt, data))
-    with pytest.raises(CorruptObject, match="fails its sha256 check"):
+    with pytest.raises(CorruptObject, match="fails its blake3 check"):
         parts.load(A, P)
     assert decoded == []
 

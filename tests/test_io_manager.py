@@ -82,7 +82,7 @@ def test_materialization_metadata_names_uri_bytes_rows_checksum(
     meta = mat.metadata
     assert meta["rows"].value == 3 and meta["bytes"].value > 0
     assert meta["reused"].value is False and meta["format"].value == "parquet"
-    assert len(str(meta["sha256"].value)) == 64
+    assert len(str(meta["digest"].value)) == 64 and meta["digest_algorithm"].value == "blake3"
     assert str(meta["uri"].value).endswith("rows/p=2024-01-01")
     assert meta["committed_by_run"].value == result.run_id
 

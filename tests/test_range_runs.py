@@ -98,7 +98,7 @@ def test_a_range_run_reuses_what_is_committed_and_loads_the_model_once(
     assert set(meta) == set(ALL)
     assert meta[ALL[0]]["reused"] is False and meta[ALL[0]]["model_calls"] == 20
     assert meta[ALL[1]]["reused"] is True and meta[ALL[1]]["model_calls"] == 0
-    assert meta[ALL[0]]["sha256"] != meta[ALL[3]]["sha256"], "each partition its own metadata"
+    assert meta[ALL[0]]["digest"] != meta[ALL[3]]["digest"], "each partition its own metadata"
     root = Path(io.partition_store().store.uri_of("scores").removeprefix("file://"))
     assert not (root / "_unpartitioned").exists()
     assert not list(root.rglob("_checkpoints/*/*/cursor-*"))

@@ -4,6 +4,7 @@ import os
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 
 from longrun_dagster.errors import CommitConflict, ConfigError, ObjectNotFound
@@ -12,13 +13,23 @@ from longrun_dagster.storage import local as local_module
 from tests.conftest import s3_client
 
 
-def test_put_get_roundtrip_with_size_token_and_sha256(store: ObjectStore) -> None:
+def test_put_get_roundtrip_with_size_token_and_blake3(store: ObjectStore) -> None:
     put = store.put("a/b/obj.bin", b"hello")
     data, token = store.get("a/b/obj.bin")
     assert data == b"hello"
     assert put.size == 5 and put.token == token == store.stat("a/b/obj.bin").token
-    assert put.sha256 == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    assert put.algorithm == "blake3"
+    assert put.digest == "ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f"
     assert store.exists("a/b/obj.bin") and not store.exists("a/b/other")
+
+
+def test_digest_covers_every_chunk_of_a_large_object(store: ObjectStore) -> None:
+    """The digest is computed chunk by chunk as the bytes are written: a chunking bug would
+    checksum only part of the object. Multipart on S3, several write chunks locally."""
+    data = os.urandom(9 * 1024 * 1024 + 7)
+    put = store.put("big.bin", memoryview(data))
+    assert put.digest == blake3.blake3(data).hexdigest() and put.size == len(data)
+    assert store.get("big.bin")[0] == data
 
 
 def test_missing_object_is_a_file_not_found_error_naming_the_uri(store: ObjectStore) -> None:

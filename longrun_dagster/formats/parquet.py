@@ -11,7 +11,7 @@ EXTENSION = "parquet"
 def dumps(frame: pd.DataFrame) -> memoryview:
     """Parquet bytes of ``frame``, written into one buffer sized up front: a growing
     buffer plus a copy to ``bytes`` cost over half of a 256 MiB write (bench/io.py)."""
-    table = pa.Table.from_pandas(frame, preserve_index=True)
+    table = _table(frame)
     options = {"compression": "snappy", "write_statistics": True,
                "use_dictionary": _dictionary_columns(table.schema)}
     buffer = pa.allocate_buffer(int(table.nbytes * 1.1) + (1 << 20))
@@ -34,14 +34,21 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 def loads(data: bytes | memoryview) -> pd.DataFrame:
-    table = pq.read_table(pa.BufferReader(data))
-    frame: pd.DataFrame = table.to_pandas()
-    return frame
+    return _frame(pq.read_table(pa.BufferReader(data)))
 
 
 def normalised(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` as ``loads(dumps(frame))`` returns it (pandas -> Arrow -> pandas), without
     writing Parquet: what a checkpointed batch reads back as."""
-    table = pa.Table.from_pandas(frame, preserve_index=True)
-    out: pd.DataFrame = table.to_pandas()
-    return out
+    return _frame(_table(frame))
+
+
+def _table(frame: pd.DataFrame) -> pa.Table:
+    # None, not True: a RangeIndex is kept as metadata (start, stop, step, name) instead
+    # of a column of int64 written, compressed and read back; any other index is a column.
+    return pa.Table.from_pandas(frame, preserve_index=None)
+
+
+def _frame(table: pa.Table) -> pd.DataFrame:
+    frame: pd.DataFrame = table.to_pandas()
+    return frame

@@ -1,7 +1,8 @@
 """S3 backend: single or multipart PUT (aborted on failure), conditional manifest PUTs."""
 
+import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -9,15 +10,45 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from longrun_dagster.errors import CommitConflict, ObjectNotFound, StorageError
 from longrun_dagster.storage.base import (
+    DIGEST_ALGORITHM,
     ObjectInfo,
     ObjectStore,
     PutResult,
-    Sha256InBackground,
     check_key,
+    new_hasher,
 )
 
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class _ViewReader(io.RawIOBase):
+    """A seekable file over a memoryview: botocore takes no memoryview as a Body, and
+    ``bytes(view)`` or ``io.BytesIO(view)`` would copy every part once more."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = base + offset
+        return self._at
+
+    def readinto(self, buffer: "memoryview | bytearray") -> int:  # type: ignore[override]
+        n = max(0, min(len(buffer), len(self._view) - self._at))
+        buffer[:n] = self._view[self._at : self._at + n]
+        self._at += n
+        return n
 
 
 def _raise_translated(
@@ -86,21 +117,25 @@ class S3Store(ObjectStore):
             conditions["IfNoneMatch"] = "*"
         if if_match is not None:
             conditions["IfMatch"] = if_match
-        digest = Sha256InBackground(data)
+        view = memoryview(data).cast("B")
+        hasher = new_hasher()
         try:
             # Conditions go on a single PUT only: not every S3-compatible store (moto among
             # them) enforces them on CompleteMultipartUpload. Manifests are small.
-            if len(data) <= self.multipart_threshold or conditions:
+            if len(view) <= self.multipart_threshold or conditions:
+                hasher.update(view)
                 resp = self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=bytes(data), **conditions
+                    Bucket=self.bucket, Key=self._key(key), Body=_ViewReader(view), **conditions
                 )
             else:
-                resp = self._put_multipart(self._key(key), memoryview(data))
+                resp = self._put_multipart(self._key(key), view, hash_meanwhile=hasher.update)
         except (ClientError, BotoCoreError) as exc:
             _raise_translated(exc, self.uri_of(key), "write", conditional=bool(conditions))
-        return PutResult(key=key, size=len(data), sha256=digest.hexdigest(), token=resp["ETag"])
+        return PutResult(key=key, size=len(view), digest=hasher.hexdigest(),
+                         algorithm=DIGEST_ALGORITHM, token=resp["ETag"])
 
-    def _put_multipart(self, full_key: str, view: memoryview) -> Any:
+    def _put_multipart(self, full_key: str, view: memoryview, *,
+                       hash_meanwhile: Callable[[memoryview], object]) -> Any:
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full_key)[
             "UploadId"
         ]
@@ -111,12 +146,14 @@ class S3Store(ObjectStore):
                 number, offset = number_offset
                 resp = self.client.upload_part(
                     Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number,
-                    Body=bytes(view[offset : offset + self.part_size]),
+                    Body=_ViewReader(view[offset : offset + self.part_size]),
                 )
                 return {"PartNumber": number, "ETag": resp["ETag"]}
 
             with ThreadPoolExecutor(self.max_concurrency) as pool:
-                parts = list(pool.map(upload, enumerate(offsets, start=1)))
+                pending = pool.map(upload, enumerate(offsets, start=1))
+                hash_meanwhile(view)  # the parts go out while this thread hashes
+                parts = list(pending)
             return self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=full_key, UploadId=upload_id,
                 MultipartUpload={"Parts": parts},

@@ -130,7 +130,7 @@ def committed_sha(base: Any, partition: str, asset: str = "scores") -> str:
     assert manifest is not None, f"{asset} {partition} is not committed"
     data = manifest.object("data")
     assert data is not None
-    return data.sha256
+    return data.digest
 
 
 def materialization_meta(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
