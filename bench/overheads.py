@@ -1,18 +1,24 @@
 """Per-step overheads of a model stage: checkpoints, heartbeats, the VRAM guard.
 
-    python bench/overheads.py [--batches 200] [--step-ms 10]
+    python bench/overheads.py [--batches 200] [--step-ms 10] [--pipeline-steps 10 50]
 
 Runs the stage's batch loop (no Dagster) over ``--batches`` batches of 256 rows whose
 output is a 384-float embedding per row, each batch taking ``--step-ms`` of simulated GPU
-time, with checkpoints every 1, 10 and 50 batches and never; prints the wall time, the
-cost per checkpoint and its fraction of the run. Then the cost per call of
-``Watchdog.progress`` (heartbeat) and ``VramGuard.step`` (host backend).
+time (a sleep: it releases the GIL, as a CUDA call does), with checkpoints every 1, 10 and
+50 batches and never; prints the wall time, the cost per checkpoint and its fraction of
+the run. Then, for each of ``--pipeline-steps``, model time / wall (model time: batches x
+step) of the bare model function in a loop, of the sequential batch loop
+(``pipelined=False``) and of the pipelined one, checkpointing every 10 batches; each the
+best of ``--repeat`` runs, interleaved so that other load hits all three alike. Then the
+cost per call of ``Watchdog.progress`` (heartbeat) and ``VramGuard.step`` (host backend).
 """
 
 import argparse
 import logging
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -28,15 +34,21 @@ from longrun_dagster.storage import LocalStore
 SCHEMA = pa.DataFrameSchema({"id": pa.Column(str), "embedding": pa.Column(object)})
 
 
-def run_loop(frame: pd.DataFrame, every: int, step_s: float) -> tuple[float, int]:
+def embedder(step_s: float) -> Callable[[pd.DataFrame, int], pd.DataFrame]:
     def model(batch: pd.DataFrame, index: int) -> pd.DataFrame:
         time.sleep(step_s)
         vectors = np.random.default_rng(index).random((len(batch), 384), dtype=np.float32)
         return pd.DataFrame({"id": batch.id.to_numpy(), "embedding": list(vectors)})
 
+    return model
+
+
+def run_loop(frame: pd.DataFrame, every: int, step_s: float,
+             pipelined: bool = True) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Checkpointer(LocalStore(tmp), "a/p=x/_checkpoints/f", background=True)
-        loop = BatchLoop(model, frame, batch_size=256, schema=SCHEMA, checkpointer=ckpt,
+        loop = BatchLoop(embedder(step_s), frame, batch_size=256, schema=SCHEMA,
+                         checkpointer=ckpt, pipelined=pipelined,
                          cadence=Cadence(every_batches=every, every_seconds=1e9,
                                          progress_every_seconds=1e9))
         start = time.perf_counter()
@@ -44,10 +56,50 @@ def run_loop(frame: pd.DataFrame, every: int, step_s: float) -> tuple[float, int
         return time.perf_counter() - start, ckpt.saves
 
 
+def run_bare(frame: pd.DataFrame, step_s: float) -> float:
+    """The model function alone over the same batches: the ceiling for any loop."""
+    model = embedder(step_s)
+    start = time.perf_counter()
+    for index in range(-(-len(frame) // 256)):
+        model(frame.iloc[index * 256:(index + 1) * 256], index)
+    return time.perf_counter() - start
+
+
+def pipeline_table(frame: pd.DataFrame, steps_ms: list[float], repeat: int) -> None:
+    batches = -(-len(frame) // 256)
+    print(f"model time / wall, {batches} batches, checkpoint every 10, best of {repeat}:")
+    print("(and, for the pipelined loop's best run, process CPU ms per batch and the cores "
+          "it got: CPU / wall)")
+    print(f"{'step ms':>7} {'bare loop':>10} {'sequential':>11} {'pipelined':>10} "
+          f"{'CPU ms/batch':>13} {'cores':>6}")
+    for step_ms in steps_ms:
+        step = step_ms / 1000
+        runs: dict[str, list[tuple[float, float]]] = {"bare": [], "sequential": [],
+                                                      "pipelined": []}
+        for _ in range(repeat):
+            runs["bare"].append(cpu_and_wall(partial(run_bare, frame, step)))
+            runs["sequential"].append(cpu_and_wall(partial(run_loop, frame, 10, step, False)))
+            runs["pipelined"].append(cpu_and_wall(partial(run_loop, frame, 10, step, True)))
+        best_of = {k: min(v, key=lambda r: r[1]) for k, v in runs.items()}
+        ratio = {k: batches * step / wall for k, (_, wall) in best_of.items()}
+        cpu, wall = best_of["pipelined"]
+        print(f"{step_ms:>7.0f} {ratio['bare']:>10.2f} {ratio['sequential']:>11.2f} "
+              f"{ratio['pipelined']:>10.2f} {cpu / batches * 1e3:>13.1f} {cpu / wall:>6.2f}")
+
+
+def cpu_and_wall(fn: Callable[[], object]) -> tuple[float, float]:
+    """Process CPU seconds (all threads) and wall seconds of ``fn()``."""
+    cpu, start = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - cpu, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--step-ms", type=float, default=10.0)
+    parser.add_argument("--pipeline-steps", type=float, nargs="*", default=[10.0, 50.0])
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = args.batches * 256
@@ -62,6 +114,7 @@ def main() -> None:
         extra = max(wall - base, 0.0)
         print(f"{every:>6} {saves:>6} {wall:>8.2f} {extra / max(saves - 1, 1) * 1e3:>8.1f} "
               f"{extra / wall:>7.1%}")
+    pipeline_table(frame, args.pipeline_steps, args.repeat)
     dog = Watchdog(lambda at, c: None, interval=30, stall_timeout=900, enforce=False)
     per = best(lambda: [dog.progress(batches_done=i) for i in range(10000)]) / 10000
     print(f"heartbeat progress(): {per * 1e6:.2f} us/step ({per / step:.4%} of a step)")

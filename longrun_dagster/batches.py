@@ -6,14 +6,25 @@ normalised through a Parquet round trip as soon as it is produced, so a run resu
 checkpoint shards and an uninterrupted run concatenate identical frames and commit
 byte-identical output. Rows are numbered within the partition's output, so a failure case
 names the row users look up.
+
+Pipelined (the default): batch i is validated and normalised on one worker thread while
+the model runs batch i+1, so the device does not wait for pandera and Arrow. A batch is
+*completed* once it is validated and added; only completed batches are counted in
+``Progress``, shown to hooks and checkpointed. The loop joins the worker (every batch
+handed to it completed, in order) before each checkpoint, before hooks run, and when it
+stops for any reason, SIGTERM's grace guard included. ``pipelined=False`` checks each
+batch on the loop's thread right after the model returns it (same bytes, slower).
 """
 
+import functools
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -24,7 +35,14 @@ import pandera.pandas as pa
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.errors import ConfigError, Preempted, SegmentEnded
 from longrun_dagster.formats import parquet
-from longrun_dagster.validation import Report, empty_frame, reject_all, validate
+from longrun_dagster.validation import (
+    Report,
+    empty_frame,
+    empty_quarantine,
+    no_cases,
+    reject_all,
+    validate,
+)
 
 VALID, QUARANTINE, CASES = "valid", "quarantine", "cases"
 _log = logging.getLogger("longrun_dagster.stage")
@@ -45,7 +63,12 @@ class StageRun:
 class StageHook(Protocol):
     """Something called around every batch (the GPU guard, the heartbeat publisher).
     ``on_prepare`` runs before the stage's ``setup`` (the model load, which can hang or
-    fill the device too), ``on_start`` after it, before the first batch. ``on_batch`` may
+    fill the device too), ``on_start`` after it, before the first batch. ``on_batch`` runs
+    on the loop's thread once per completed (validated and added) batch, in order, with
+    ``progress`` counting it and nothing else moving: pipelined, batch i's call comes right
+    after the model returned batch i+1 (the last batch's after the loop), so a hook runs
+    between model calls, never during one. A batch completed as the loop stops (SIGTERM,
+    time budget, an error) is checkpointed without an ``on_batch`` call. ``on_batch`` may
     raise to stop the stage; completed batches are checkpointed first. ``on_end`` runs
     however the loop ended (its metadata is used only on success)."""
 
@@ -60,7 +83,8 @@ class StageHook(Protocol):
 
 @dataclass
 class Progress:
-    """Where a partition's work stands; hooks and the progress log read it."""
+    """Where a partition's work stands (completed batches only: validated and added);
+    hooks and the progress log read it."""
 
     batches_total: int
     rows_total: int
@@ -136,7 +160,8 @@ class BatchLoop:
                  hooks: Sequence[StageHook] = (), name: str = "stage",
                  one_row_per_input: bool = True, need_vram_bytes: int | None = None,
                  asset: str = "", setup: Callable[[], None] | None = None,
-                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
+                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+                 pipelined: bool = True) -> None:
         if batch_size < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
         self.fn, self.frame, self.batch_size = fn, frame.reset_index(drop=True), batch_size
@@ -155,12 +180,19 @@ class BatchLoop:
         self._stop = threading.Event()
         self._done = threading.Event()  # the loop has ended, cleanly or by raising
         self.model_calls = 0
+        self.pipelined = pipelined
+        self._worker: ThreadPoolExecutor | None = None
+        self._checking: Future[None] | None = None  # the batch on the worker, if any
+        self._announced = 0  # batches_done when hooks last ran
+        self._logged = 0.0
 
     # -- the loop ----------------------------------------------------------------------
 
     def run(self) -> Outcome:
         started = time.monotonic()
         self._resume()
+        if self.pipelined:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="longrun-validate")
         with _on_sigterm(self._sigterm):
             try:
                 self._start()
@@ -170,6 +202,8 @@ class BatchLoop:
                 raise
             finally:
                 self._done.set()
+                if self._worker is not None:
+                    self._worker.shutdown(wait=True)
                 meta = self._end()
         valid = self._frames[VALID] or [_normalised(empty_frame(self.schema))]
         return Outcome(
@@ -209,24 +243,26 @@ class BatchLoop:
         return meta
 
     def _loop(self) -> None:
-        logged = time.monotonic()
+        self._announced = self.progress.batches_done
+        self._logged = time.monotonic()
         per_batch = 0.0
         for index in range(self.progress.batches_done, self.progress.batches_total):
             self._check_stop(index, per_batch)
             began = time.monotonic()
-            self._one_batch(index)
+            batch, out = self._call_model(index)
+            self._join()  # pipelined: batch index-1, checked while the model ran this one
+            self._announce()
+            if self._worker is None:
+                self._complete(index, batch, out)
+                self._announce()
+            else:
+                self._checking = self._worker.submit(self._complete, index, batch, out)
             per_batch = max(per_batch, time.monotonic() - began)
-            for hook in self.hooks:
-                hook.on_batch(self.run_info)
-            if self._pending >= self.cadence.every_batches or \
-                    time.monotonic() - self._saved_at >= self.cadence.every_seconds:
-                self._save()
-            if time.monotonic() - logged >= self.cadence.progress_every_seconds:
-                self.log.info(f"{self.name}: {self.progress.describe()}")
-                logged = time.monotonic()
+        self._join()
+        self._announce()
         self._save_completed("finished")
 
-    def _one_batch(self, index: int) -> None:
+    def _call_model(self, index: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         start = index * self.batch_size
         batch = self.frame.iloc[start:start + self.batch_size]
         self.model_calls += 1
@@ -236,28 +272,55 @@ class BatchLoop:
                 f"{self.name}: the model function returned {type(out).__qualname__} for "
                 f"batch {index}; it must return a pandas DataFrame of output rows"
             )
-        if self.one_row_per_input and len(out) != len(batch):
-            report = reject_all(batch, self.schema, "<rows>", "one output row per input row",
-                                f"{len(out)} rows returned for {len(batch)} inputs",
-                                first_row=self._rows_out)
-        else:
-            report = validate(out, self.schema, first_row=self._rows_out)
+        return batch, out
+
+    def _announce(self) -> None:
+        """Hooks, a checkpoint when one is due, the progress log: once per batch completed
+        since the last call (with the worker idle, so progress holds still)."""
+        while self._announced < self.progress.batches_done:
+            self._announced += 1
+            for hook in self.hooks:
+                hook.on_batch(self.run_info)
+            if self._pending >= self.cadence.every_batches or \
+                    time.monotonic() - self._saved_at >= self.cadence.every_seconds:
+                self._save()
+        if time.monotonic() - self._logged >= self.cadence.progress_every_seconds:
+            self.log.info(f"{self.name}: {self.progress.describe()}")
+            self._logged = time.monotonic()
+
+    def _complete(self, index: int, batch: pd.DataFrame, out: pd.DataFrame) -> None:
+        """Validate and normalise batch ``index``'s output and add it: on the worker thread
+        when pipelined (batches strictly in order, since row numbers count the output rows
+        of the batches before), else on the loop's thread."""
+        try:
+            if self.one_row_per_input and len(out) != len(batch):
+                report = reject_all(batch, self.schema, "<rows>",
+                                    "one output row per input row",
+                                    f"{len(out)} rows returned for {len(batch)} inputs",
+                                    first_row=self._rows_out)
+            else:
+                report = validate(out, self.schema, first_row=self._rows_out)
+            frames = _added(index, report)
+        except Exception as exc:
+            exc.add_note(f"{self.name}: raised while validating the output of batch {index}")
+            raise
         with self._lock:
-            self._add(index, report)
+            for kind, frame in frames.items():
+                self._frames[kind].append(frame)
             self._rows_out += report.rows_checked
             self.progress.batches_done = index + 1
-            self.progress.rows_done = min(start + self.batch_size, len(self.frame))
+            self.progress.rows_done = min((index + 1) * self.batch_size, len(self.frame))
             self.progress.last_progress = time.monotonic()
             self._pending += 1
 
-    def _add(self, index: int, report: Report) -> None:
-        self._frames[VALID].append(_normalised(report.valid))
-        quarantine = report.quarantined.reset_index()
-        quarantine.insert(0, "batch", index)
-        self._frames[QUARANTINE].append(_normalised(quarantine))
-        cases = report.failure_cases.assign(batch=index)
-        cases["index"] = pd.to_numeric(cases["index"], errors="coerce").astype("float64")
-        self._frames[CASES].append(_normalised(cases))
+    def _join(self) -> None:
+        """Wait until every batch handed to the worker is completed; raise its error."""
+        checking = self._checking
+        if checking is None:
+            return
+        wait_for([checking])  # interrupted (Ctrl-C), it stays for the except path to wait
+        self._checking = None
+        checking.result()
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -298,6 +361,12 @@ class BatchLoop:
             self.ckpt.flush()
 
     def _save_completed(self, why: str) -> None:
+        """Checkpoint every completed batch, waiting for the one on the worker; a failed
+        batch there (its error was or will be raised by the loop) stops nothing here."""
+        try:
+            self._join()
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            self.log.error(f"{self.name}: {exc} ({why})")
         try:
             self._save(wait=True)
         except Exception as exc:  # noqa: BLE001 - the original error matters more
@@ -307,6 +376,7 @@ class BatchLoop:
 
     def _check_stop(self, index: int, per_batch: float) -> None:
         if self._stop.is_set():
+            self._join()
             self._save(wait=True)
             raise Preempted(
                 f"{self.name}: stopped by SIGTERM after batch {index}; checkpoint written, "
@@ -317,6 +387,7 @@ class BatchLoop:
             return
         elapsed = time.monotonic() - self.progress.started
         if elapsed + 2 * per_batch + 1.0 >= budget:
+            self._join()
             self._save(wait=True)
             raise SegmentEnded(
                 f"{self.name}: time budget of {budget:.0f}s nearly spent after "
@@ -334,10 +405,47 @@ class BatchLoop:
         threading.Thread(target=self._grace_guard, daemon=True).start()
 
     def _grace_guard(self) -> None:
-        if self._done.wait(self.cadence.sigterm_grace_seconds * 0.5):
+        grace = self.cadence.sigterm_grace_seconds
+        if self._done.wait(grace * 0.5):
             return  # the loop stopped at a batch boundary and checkpointed
-        self._save_completed("SIGTERM grace period")
+        checking = self._checking  # left for the loop to raise: only wait for it here
+        if checking is not None:
+            wait_for([checking], timeout=grace * 0.25)
+        try:
+            self._save(wait=True)
+        except Exception as exc:  # noqa: BLE001 - exiting anyway
+            self.log.error(f"{self.name}: could not checkpoint (SIGTERM grace period): {exc}")
         os._exit(143)
+
+
+def _added(index: int, report: Report) -> dict[str, pd.DataFrame]:
+    """Batch ``index``'s frames as the loop keeps (and checkpoints) them, normalised."""
+    if report.clean:
+        quarantine, cases = _no_failures()
+    else:
+        quarantine, cases = _quarantine(index, report), _cases(index, report)
+    return {VALID: _normalised(report.valid), QUARANTINE: quarantine, CASES: cases}
+
+
+def _quarantine(index: int, report: Report) -> pd.DataFrame:
+    quarantine = report.quarantined.reset_index()
+    quarantine.insert(0, "batch", index)
+    return _normalised(quarantine)
+
+
+def _cases(index: int, report: Report) -> pd.DataFrame:
+    cases = report.failure_cases.assign(batch=index)
+    cases["index"] = pd.to_numeric(cases["index"], errors="coerce").astype("float64")
+    return _normalised(cases)
+
+
+@functools.cache
+def _no_failures() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The quarantine and failure-case frames of a batch without failures, normalised
+    once (~3 ms a batch otherwise): they have no rows, so the batch number is in none and
+    every batch's are the same. Shared, never mutated (concatenation copies)."""
+    clean = Report(pd.DataFrame(), empty_quarantine(), no_cases())
+    return _quarantine(0, clean), _cases(0, clean)
 
 
 def _encoder(frames: list[pd.DataFrame]) -> Callable[[], memoryview]:

@@ -6,6 +6,7 @@ wrong column dtype) quarantines every row, since none of them can be trusted. Ro
 numbered as users look them up: from ``first_row``, the partition row of the frame's first.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,11 @@ class Report:
     def rows_invalid(self) -> int:
         return len(self.quarantined)
 
+    @property
+    def clean(self) -> bool:
+        """No row quarantined and no failure case (of a row or of the whole frame)."""
+        return not len(self.quarantined) and not len(self.failure_cases)
+
 
 def as_schema(schema: Schema) -> pa.DataFrameSchema:
     """A DataFrameSchema from a DataFrameSchema or a DataFrameModel class."""
@@ -58,8 +64,8 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int 
     ``first_row``."""
     frame = _numbered(frame, first_row)
     try:
-        return Report(_valid(schema.validate(frame, lazy=True), schema), _empty_quarantine(),
-                      _no_cases())
+        return Report(_valid(schema.validate(frame, lazy=True), schema), empty_quarantine(),
+                      no_cases())
     except pa.errors.SchemaErrors as exc:
         cases = _cases(exc.failure_cases)
     bad = _bad_rows(cases, frame.index)
@@ -121,7 +127,7 @@ def _bad_rows(cases: pd.DataFrame, rows: pd.Index) -> set[int]:
 
 def _quarantine(frame: pd.DataFrame, bad: set[int], cases: pd.DataFrame) -> pd.DataFrame:
     if not bad:
-        return _empty_quarantine()
+        return empty_quarantine()
     positions = sorted(bad)
     rows = frame.loc[positions].to_json(orient="records", lines=True, default_handler=str)
     records = cases.to_dict("records")
@@ -143,12 +149,25 @@ def _text(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
-def _empty_quarantine() -> pd.DataFrame:
+def empty_quarantine() -> pd.DataFrame:
+    """``quarantined`` of a report without failures: a copy of one frame built once (pandas
+    takes ~1.4 ms to build it, ~40 us to copy it; every clean batch needs one)."""
+    return _built_empty_quarantine().copy()
+
+
+def no_cases() -> pd.DataFrame:
+    """``failure_cases`` of a report without failures (a copy, as above)."""
+    return _built_no_cases().copy()
+
+
+@functools.cache
+def _built_empty_quarantine() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=str) for c in QUARANTINE_COLUMNS},
                         index=pd.Index([], dtype="int64", name="position"))
 
 
-def _no_cases() -> pd.DataFrame:
+@functools.cache
+def _built_no_cases() -> pd.DataFrame:
     return pd.DataFrame({"column": [], "check": [], "failure_case": [], "index": []})
 
 
