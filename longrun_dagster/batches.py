@@ -184,6 +184,7 @@ class BatchLoop:
         self._worker: ThreadPoolExecutor | None = None
         self._checking: Future[None] | None = None  # the batch on the worker, if any
         self._announced = 0  # batches_done when hooks last ran
+        self._segment_first = 0  # batches_done when this run (segment) began its loop
         self._logged = 0.0
 
     # -- the loop ----------------------------------------------------------------------
@@ -246,6 +247,7 @@ class BatchLoop:
         self._announced = self.progress.batches_done
         self._logged = time.monotonic()
         per_batch = 0.0
+        self._segment_first = self.progress.batches_done
         for index in range(self.progress.batches_done, self.progress.batches_total):
             self._check_stop(index, per_batch)
             began = time.monotonic()
@@ -386,7 +388,9 @@ class BatchLoop:
         if budget is None:
             return
         elapsed = time.monotonic() - self.progress.started
-        if elapsed + 2 * per_batch + 1.0 >= budget:
+        # Every segment completes a batch at least: one that ended before its first (a
+        # slow model load on a loaded machine) would hand its continuation the same fate.
+        if index > self._segment_first and elapsed + 2 * per_batch + 1.0 >= budget:
             self._join()
             self._save(wait=True)
             raise SegmentEnded(

@@ -187,6 +187,29 @@ def test_time_budget_checkpoints_the_validated_batches(tmp_path: Path, clean: Ou
     same_outcome(again, clean)
 
 
+def test_every_segment_completes_a_batch_however_slow_its_start(tmp_path: Path,
+                                                                 clean: Outcome) -> None:
+    """A time box shorter than the start of a run (a model load on a loaded machine) ended
+    every segment before its first batch, so the continuations never finished (seen as
+    >12 segments in CI). Each segment now completes at least one batch."""
+    inner = model()
+    segments = 0
+    while True:
+        segments += 1
+        assert segments <= 20, "each segment must complete a batch"
+        ckpt = Checkpointer(LocalStore(tmp_path), PREFIX, background=True)
+        boxed = BatchLoop(inner, inputs(200), batch_size=BATCH, schema=SCHEMA,
+                          checkpointer=ckpt, setup=lambda: time.sleep(0.3),
+                          cadence=Cadence(every_batches=100, every_seconds=3600,
+                                          time_budget_seconds=0.2))
+        try:
+            outcome = boxed.run()
+            break
+        except SegmentEnded as ended:
+            assert ended.batches_done >= segments
+    same_outcome(outcome, clean)
+
+
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_validation_error_on_the_worker_surfaces_with_its_batch(
     tmp_path: Path, pipelined: bool

@@ -193,7 +193,7 @@ def test_time_budget_ends_segments_that_resume_to_the_same_output(
     segments = 0
     while True:
         segments += 1
-        assert segments < 12
+        assert segments <= 21, "every segment completes a batch (20 batches)"
         result = run(io, [texts, boxed], selection=[boxed], instance=instance)
         if result.success:
             break
