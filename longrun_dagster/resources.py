@@ -152,6 +152,7 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
             self._dog.publish_now()
         return {"heartbeats_published": self._dog.published}
 
-    def _tag(self, tags: dict[str, str]) -> None:
+    def _tag(self, values: dict[str, str]) -> None:
         if self._instance is not None and self._run_id is not None:
-            self._instance.add_run_tags(self._run_id, {**tags, RUN_ID_TAG: self._run_id})
+            owned = {k: tags.mark(self._run_id, v) for k, v in values.items()}
+            self._instance.add_run_tags(self._run_id, {**owned, RUN_ID_TAG: self._run_id})

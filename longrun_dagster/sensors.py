@@ -96,10 +96,13 @@ class Stalled:
 
 
 def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
-                 process_alive: Callable[[RunView], bool | None]) -> list[Stalled]:
+                 process_alive: Callable[[RunView], bool | None],
+                 start_grace: float | None = None) -> list[Stalled]:
     """Running stage runs whose process is gone, or that made no progress for ``timeout``
-    seconds (measured from the last heartbeat, else the run's start), and runs whose own
-    watchdog reported a stall (those may already show as failed)."""
+    seconds since their last heartbeat (or, before their first one, ``start_grace``
+    seconds since the run started: a loaded machine can take longer than a short stall
+    timeout to start a step), and runs whose own watchdog reported a stall (those may
+    already show as failed)."""
     found = []
     for run in runs:
         if run.handled:
@@ -111,13 +114,14 @@ def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
             continue  # between stages; a lost run worker is Dagster's run monitoring's to see
         alive = process_alive(run)
         last = run.progress_at or run.started_at
+        allowed = timeout if run.progress_at else max(timeout, start_grace or timeout)
         if run.stalled_at is not None:
             found.append(Stalled(run, "its watchdog reported a stall and exited the process"))
         elif run.crashed:
             found.append(Stalled(run, "its process died in the middle of a step"))
         elif alive is False:
             found.append(Stalled(run, f"its process {run.pid} on {run.host} is gone"))
-        elif last is not None and now - last > timeout:
+        elif last is not None and now - last > allowed:
             found.append(Stalled(run, f"no progress for {now - last:.0f}s "
                                       f"(stall timeout {timeout:.0f}s)"))
     return found
@@ -195,6 +199,7 @@ def stalled_run_sensor(
     retry_budget: int = 3,
     minimum_interval_seconds: int = 30,
     kill_grace_seconds: float = 10.0,
+    start_grace_seconds: float = 120.0,
     name: str = "longrun_stalled_runs",
     target: Any = None,
 ) -> dg.SensorDefinition:
@@ -202,7 +207,8 @@ def stalled_run_sensor(
     their partitions (tagged with the attempt number and the stalled run's id), up to
     ``retry_budget`` attempts per partition. State lives in run tags, so the sensor
     survives its own restarts. Use the same ``stall_timeout_seconds`` as the stages'
-    ``Heartbeat`` resource (or more)."""
+    ``Heartbeat`` resource (or more). A run that has not published its first heartbeat
+    yet (its process is starting) gets ``start_grace_seconds`` from its start instead."""
 
     @dg.sensor(name=name, minimum_interval_seconds=minimum_interval_seconds,
                target=target or dg.AssetSelection.all(),
@@ -227,14 +233,14 @@ def stalled_run_sensor(
         if failed:
             context.update_cursor(str(max(r.update_timestamp.timestamp() for r in failed)))
         pending = instance.get_runs(filters=dg.RunsFilter(
-            tags={HANDLED_TAG: "relaunch"},
+            tags={T.DECIDED: "relaunch"},
             updated_after=datetime.fromtimestamp(now - 3600, UTC)), limit=100)
         # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
         # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
         relaunch = [v for v in map(_decided, pending) if v.handled == "relaunch"
                     and not v.will_retry]
         requests = [_continue(v) for v in map(_decided, instance.get_runs(
-            filters=dg.RunsFilter(tags={HANDLED_TAG: "continue"},
+            filters=dg.RunsFilter(tags={T.DECIDED: "continue"},
                                   updated_after=datetime.fromtimestamp(now - 3600, UTC)),
             limit=100)) if v.handled == "continue"]
         for run in continuations(views):
@@ -242,7 +248,8 @@ def stalled_run_sensor(
             if decision.action == "relaunch":
                 _decide(instance, run.run_id, "continue")
                 requests.append(_continue(run))
-        for item in find_stalled(views, now, stall_timeout_seconds, process_alive_here):
+        for item in find_stalled(views, now, stall_timeout_seconds, process_alive_here,
+                                 start_grace=start_grace_seconds):
             decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
             _end(instance, item, decision, kill_grace_seconds, context.log)
             if decision.action == "relaunch" and _dagster_retries(instance, item.run):
@@ -267,7 +274,8 @@ def _decided(run: dg.DagsterRun) -> RunView:
 
 
 def _decide(instance: dg.DagsterInstance, run_id: str, action: str) -> None:
-    instance.add_run_tags(run_id, {HANDLED_TAG: action, T.RUN_ID: run_id})
+    instance.add_run_tags(run_id, {HANDLED_TAG: T.mark(run_id, action), T.DECIDED: action,
+                                   T.RUN_ID: run_id})
 
 
 def _dagster_retries(instance: dg.DagsterInstance, run: RunView) -> bool:

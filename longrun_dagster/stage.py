@@ -449,8 +449,9 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
         context.log.error(str(exc))
         raise dg.RetryRequested(max_retries=spec.oom_retries, seconds_to_wait=1) from exc
     except SegmentEnded as exc:
-        context.instance.add_run_tags(context.run.run_id, {tags.CONTINUATION: "requested",
-                                                           tags.RUN_ID: context.run.run_id})
+        run_id = context.run.run_id
+        context.instance.add_run_tags(run_id, {
+            tags.CONTINUATION: tags.mark(run_id, "requested"), tags.RUN_ID: run_id})
         raise dg.Failure(description=str(exc), metadata={
             "batches_done": exc.batches_done, "batches_total": exc.batches_total,
             "continuation": "requested",

@@ -1,9 +1,11 @@
 """Run tags this library reads and writes (the sensor's whole state lives in them).
 
 Dagster copies a run's tags to its re-executions (run retries, "re-execute from failure"),
-so the tags that describe one run's life (its heartbeat, stall, the sensor's decision,
-a continuation request) are written together with ``RUN_ID``, the run they belong to; on
-a re-execution they are its parent's and ``own`` drops them.
+so each tag that describes one run's life (its heartbeat, stall, the sensor's decision, a
+continuation request) carries the run it belongs to in its value (``mark``:
+``<run id>@<value>``); on a re-execution they are its parent's and ``own`` drops them, one
+by one: a re-execution's first heartbeat cannot adopt its parent's stall or decision.
+Values written before 0.2 (no run id in them) are owned through ``RUN_ID`` as then.
 """
 
 from collections.abc import Mapping
@@ -26,6 +28,9 @@ RELAUNCHED_FROM = "longrun/relaunched_from"
 HANDLED = "longrun/stall_handled"
 """What the sensor decided for the run: relaunch, continue, give_up, leave, dagster_retry
 (Dagster's run retries re-execute it instead)."""
+DECIDED = "longrun/decided"
+"""The sensor's decision again, unowned: run tag filters match whole values, so queries use
+this one; ``HANDLED`` (owned) says whether the decision is this run's."""
 RUN_ID = "longrun/run_id"
 """The run the life tags below were written for."""
 LIFE = (HEARTBEAT, STALLED, CONTINUATION, HANDLED, RUN_ID)
@@ -33,9 +38,27 @@ WILL_RETRY = "dagster/will_retry"
 """Set by Dagster on a failed run when its run retries will re-execute it."""
 
 
+OWNER_SEP = "@"
+
+
+def mark(run_id: str, value: str) -> str:
+    """A life tag's value, owned by ``run_id``."""
+    return f"{run_id}{OWNER_SEP}{value}"
+
+
 def own(tags: Mapping[str, str], run_id: str, parent_run_id: str | None) -> Mapping[str, str]:
-    """``tags`` without the life tags a re-execution inherited from its parent run."""
-    owner = tags.get(RUN_ID) or (None if parent_run_id else run_id)
-    if owner == run_id:
-        return tags
-    return {k: v for k, v in tags.items() if k not in LIFE}
+    """``tags`` with the life tags of this run only (their values without the owner); the
+    ones a re-execution inherited from its parent run are dropped."""
+    legacy_owner = tags.get(RUN_ID) or (None if parent_run_id else run_id)
+    out = {k: v for k, v in tags.items() if k not in LIFE or k == RUN_ID}
+    for key in LIFE:
+        raw = tags.get(key)
+        if raw is None or key == RUN_ID:
+            continue
+        owner, sep, value = raw.partition(OWNER_SEP)
+        if sep and "|" not in owner:
+            if owner == run_id:
+                out[key] = value
+        elif legacy_owner == run_id:
+            out[key] = raw
+    return out

@@ -148,7 +148,7 @@ def test_a_stage_is_watched_while_its_model_loads() -> None:
     import pandera.pandas as pa
 
     from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, model_stage
-    from longrun_dagster.tags import HEARTBEAT, HEARTBEAT_ENDED
+    from longrun_dagster.tags import HEARTBEAT, HEARTBEAT_ENDED, own
     from tests.helpers import pipeline
 
     first = pipeline.make_scores(hook_resource_keys=["heartbeat"])
@@ -159,7 +159,7 @@ def test_a_stage_is_watched_while_its_model_loads() -> None:
         def load(stage: Any) -> None:
             run = instance.get_run_by_id(stage.run_id)
             assert run is not None
-            beats_during_load.append(run.tags.get(HEARTBEAT, ""))
+            beats_during_load.append(own(run.tags, run.run_id, None).get(HEARTBEAT, ""))
             if fail_load.is_set():
                 raise RuntimeError("injected: the model does not load")
 
@@ -207,6 +207,40 @@ def test_a_re_execution_does_not_inherit_its_parents_stall() -> None:
     assert view_retry.assets == ("scores",) and view_retry.partition == "p"
     assert find_stalled([view_retry], now=2000.0, timeout=300,
                         process_alive=lambda r: None) == []
+
+
+def test_a_retrys_first_heartbeat_does_not_adopt_its_parents_stall_or_decision() -> None:
+    """A re-execution inherited its parent's stall tag and the sensor's decision; its first
+    heartbeat wrote longrun/run_id=<its id>, after which every inherited tag counted as its
+    own: it read as stalled (and was killed) or as handled (and was never watched again)."""
+    import dagster as dg
+
+    from longrun_dagster import tags as T
+
+    parent_tags = {T.STAGE_RUN: "true", T.ASSETS: "scores", "dagster/partition": "p",
+                   T.HEARTBEAT: T.mark("parent", "1000.0|3/20|999999|host"),
+                   T.STALLED: T.mark("parent", "1100.0"),
+                   T.HANDLED: T.mark("parent", "dagster_retry"), T.RUN_ID: "parent"}
+    first_beat = {T.HEARTBEAT: T.mark("retry", "1950.0|0/20|4242|host"), T.RUN_ID: "retry"}
+    retry = dg.DagsterRun(job_name="j", run_id="retry", tags={**parent_tags, **first_beat},
+                          parent_run_id="parent", root_run_id="parent",
+                          status=dg.DagsterRunStatus.STARTED)
+    view = RunView.of(retry, 1900.0)
+    assert view.stalled_at is None and view.handled is None
+    assert view.progress_at == 1950.0 and view.pid == 4242
+    assert find_stalled([view], now=1960.0, timeout=300, process_alive=lambda r: None) == []
+    silent = find_stalled([view], now=2300.0, timeout=300, process_alive=lambda r: None)
+    assert [s.run.run_id for s in silent] == ["retry"], "a retry that stalls is recovered"
+
+
+def test_a_run_still_starting_gets_the_start_grace() -> None:
+    """Under a CPU hog a re-executed run took longer than a short stall timeout to start its
+    step; counted from its start with no heartbeat yet, it read as stalled and was killed."""
+    starting = view("starting", started_at=1000.0, progress_at=None)
+    assert find_stalled([starting], now=1010.0, timeout=4, process_alive=lambda r: None,
+                        start_grace=30) == []
+    assert find_stalled([starting], now=1031.0, timeout=4, process_alive=lambda r: None,
+                        start_grace=30) != []
 
 
 def test_the_sensor_leaves_a_run_to_dagsters_run_retries() -> None:

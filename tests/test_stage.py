@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from longrun_dagster import AtomicObjectStoreIOManager
+from longrun_dagster import tags as T
 from longrun_dagster.commit import PartitionStore
 from tests.helpers import pipeline
 from tests.helpers.pipeline import make_scores, scores, summary, texts
@@ -198,7 +199,7 @@ def test_time_budget_ends_segments_that_resume_to_the_same_output(
         if result.success:
             break
         tags = instance.get_run_by_id(result.run_id).tags  # type: ignore[union-attr]
-        assert tags.get("longrun/continuation") == "requested"
+        assert T.own(tags, result.run_id, None).get(T.CONTINUATION) == "requested"
     assert segments >= 2
     assert committed_sha(io) == committed_sha(clean)
 

@@ -20,6 +20,7 @@ import dagster as dg
 import pytest
 
 from longrun_dagster import AtomicObjectStoreIOManager
+from longrun_dagster import tags as T
 from longrun_dagster.sensors import ATTEMPT_TAG, HANDLED_TAG, RELAUNCHED_FROM_TAG
 from tests.helpers import pipeline
 
@@ -144,7 +145,7 @@ def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deplo
 
 
 def pid_of(run: dg.DagsterRun) -> int | None:
-    beat = run.tags.get("longrun/heartbeat", "")
+    beat = T.own(run.tags, run.run_id, run.parent_run_id).get(T.HEARTBEAT, "")
     parts = beat.split("|")
     return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
 
@@ -243,7 +244,8 @@ def test_time_boxed_segments_are_continued_by_the_sensor(
     segments = sorted(runs, key=lambda r: int(r.tags.get("longrun/segment", 1)))
     assert len(segments) >= 2 and segments[-1].run_id == final.run_id
     for earlier in segments[:-1]:
-        assert earlier.tags.get("longrun/continuation") == "requested"
+        owned = T.own(earlier.tags, earlier.run_id, earlier.parent_run_id)
+        assert owned.get(T.CONTINUATION) == "requested"
     assert d.committed_sha() == clean_sha
 
 
@@ -270,7 +272,8 @@ def test_with_run_retries_dagster_re_executes_and_the_sensor_does_not(
     assert {r.run_id for r in runs} == {first.run_id, retry.run_id}, \
         [(r.run_id[:8], r.status.value, r.parent_run_id) for r in runs]
     parent = next(r for r in runs if r.run_id == first.run_id)
-    assert parent.tags.get(HANDLED_TAG) == "dagster_retry"
+    owned = T.own(parent.tags, parent.run_id, parent.parent_run_id)
+    assert owned.get(HANDLED_TAG) == "dagster_retry"
     with d.instance() as instance:
         logs = "\n".join(e.user_message for e in instance.all_logs(retry.run_id))
     assert "resuming from checkpoint" in logs

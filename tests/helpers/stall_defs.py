@@ -55,7 +55,7 @@ defs = dg.Definitions(
     assets=[pipeline.texts, scores],
     jobs=[stage_job],
     sensors=[stalled_run_sensor(stall_timeout_seconds=STALL, minimum_interval_seconds=1,
-                                kill_grace_seconds=2)],
+                                kill_grace_seconds=2, start_grace_seconds=30)],
     resources={
         "io_manager": AtomicObjectStoreIOManager(),
         "heartbeat": Heartbeat(interval_seconds=0.5, stall_timeout_seconds=STALL,
