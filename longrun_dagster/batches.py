@@ -58,6 +58,8 @@ class StageRun:
     need_vram_bytes: int | None = None
     asset: str = ""
     """The stage's asset key, as "a/b"."""
+    still_holds: Callable[[], bool] | None = None
+    """Whether this attempt's claim is still the partition's (one read of the store)."""
 
 
 class StageHook(Protocol):
@@ -161,7 +163,8 @@ class BatchLoop:
                  one_row_per_input: bool = True, need_vram_bytes: int | None = None,
                  asset: str = "", setup: Callable[[], None] | None = None,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-                 pipelined: bool = True) -> None:
+                 pipelined: bool = True, still_holds: Callable[[], bool] | None = None
+                 ) -> None:
         if batch_size < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
         self.fn, self.frame, self.batch_size = fn, frame.reset_index(drop=True), batch_size
@@ -171,7 +174,8 @@ class BatchLoop:
         self.setup = setup
         total = -(-len(self.frame) // batch_size)
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
-        self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset)
+        self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset,
+                                 still_holds)
         self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
         self._pending = 0  # batches done since the last checkpoint
         self._rows_out = 0  # output rows (valid and quarantined) of the batches done

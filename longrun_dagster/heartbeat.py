@@ -4,10 +4,14 @@ The stage loop calls ``progress()`` after every batch. A background thread publi
 *time of the last progress* (not the time it runs), so a live thread in a stuck process
 still reads as stalled; and when nothing progressed for ``stall_timeout`` seconds it dumps
 every thread's stack, reports the stall, and exits the process hard, so a hung CUDA call
-does not hold a GPU forever.
+does not hold a GPU forever. It also exits when its ``check`` says the work is no longer
+this process's (its run ended, another attempt claimed the partition): on another host that
+is the only kill that reaches it, and a frozen node that wakes up ends itself.
 """
 
+import functools
 import os
+import socket
 import sys
 import threading
 import time
@@ -15,7 +19,34 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
+from longrun_dagster.recovery import ProcessIdentity
+
 EXIT_STALLED = 70  # EX_SOFTWARE: the process ended itself because it stopped progressing
+EXIT_SUPERSEDED = 75  # EX_TEMPFAIL: its run ended or its claim was superseded elsewhere
+
+
+def _read(path: str, readlink: bool = False) -> str:
+    try:
+        if readlink:
+            return os.readlink(path)
+        with open(path) as text:
+            return text.read().strip()
+    except OSError:
+        return ""  # not Linux: an identity that never matches, so nothing is signalled
+
+
+@functools.cache
+def _kernel() -> tuple[str, str]:
+    return _read("/proc/sys/kernel/random/boot_id"), _read("/proc/self/ns/pid", readlink=True)
+
+
+def current_process(pid: int | None = None) -> ProcessIdentity:
+    """This process (or ``pid`` in this pid namespace), named for ``recovery.Beat``."""
+    pid = os.getpid() if pid is None else pid
+    boot, ns = _kernel()
+    return ProcessIdentity(socket.gethostname(), pid, boot, ns, psutil.Process(pid).create_time())
 
 
 def thread_stacks() -> str:
@@ -35,9 +66,13 @@ class Watchdog:
     def __init__(self, publish: Callable[[float, dict[str, Any]], None], *,
                  interval: float, stall_timeout: float, enforce: bool = True,
                  on_stall: Callable[[str, float], None] | None = None,
+                 check: Callable[[], str | None] | None = None,
+                 on_superseded: Callable[[str], None] | None = None,
                  exit: Callable[[int], None] = os._exit) -> None:
         self.publish, self.interval, self.stall_timeout = publish, interval, stall_timeout
         self.enforce, self.on_stall, self._exit = enforce, on_stall, exit
+        self.check, self.on_superseded = check, on_superseded
+        self._checked_at = time.time()
         self.last_progress = time.time()
         self.counters: dict[str, Any] = {}
         self.published = 0
@@ -74,6 +109,21 @@ class Watchdog:
             if self.enforce and now - last > self.stall_timeout:
                 self._stalled(now - last)
                 return
+            if self.enforce and self.check is not None and \
+                    now - self._checked_at >= self.interval:
+                self._checked_at = now
+                reason = self._ask()
+                if reason is not None:
+                    self._superseded(reason)
+                    return
+
+    def _ask(self) -> str | None:
+        assert self.check is not None
+        try:
+            return self.check()
+        except Exception as exc:  # noqa: BLE001 - an unreachable instance or store proves
+            self.last_error = exc  # nothing; the stall timeout still applies
+            return None
 
     def publish_now(self) -> None:
         """Publish the last progress now (a failure is counted, not raised)."""
@@ -90,6 +140,13 @@ class Watchdog:
             return  # retried at the next tick
         self._published_at = last
         self.published += 1
+
+    def _superseded(self, reason: str) -> None:
+        try:
+            if self.on_superseded is not None:
+                self.on_superseded(reason)
+        finally:
+            self._exit(EXIT_SUPERSEDED)
 
     def _stalled(self, silent_for: float) -> None:
         try:

@@ -1,7 +1,5 @@
 """Dagster resources a model stage calls every batch: ``GpuGuard`` (VRAM) and ``Heartbeat``."""
 
-import os
-import socket
 import time
 from typing import Any
 
@@ -11,6 +9,10 @@ from pydantic import Field, PrivateAttr
 from longrun_dagster import tags
 from longrun_dagster.batches import StageRun
 from longrun_dagster.gpu import Thresholds, VramGuard, choose_backend
+from longrun_dagster.recovery import Beat
+
+WORKING = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
+"""Run statuses in which a stage process keeps working (CANCELING asks it to stop)."""
 
 
 class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -105,16 +107,14 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
     def on_prepare(self, run: StageRun) -> None:
         """Start watching before the model loads: a hang there is a stall too (and in a
         multi-step run the previous stage's last beat says "ended" until this one beats)."""
-        from longrun_dagster.heartbeat import Watchdog
+        from longrun_dagster.heartbeat import Watchdog, current_process
 
-        host, pid = socket.gethostname(), os.getpid()
-        total = run.progress.batches_total
+        process, total = current_process(), run.progress.batches_total
         self._ended = False
 
         def publish(at: float, counters: dict[str, Any]) -> None:
             done = counters.get("batches_done", run.progress.batches_done)
-            ended = f"|{tags.HEARTBEAT_ENDED}" if self._ended else ""
-            self._tag({HEARTBEAT_TAG: f"{at:.3f}|{done}/{total}|{pid}|{host}{ended}"})
+            self._tag({HEARTBEAT_TAG: Beat(at, done, total, process, self._ended).encode()})
 
         def stalled(stacks: str, silent_for: float) -> None:
             run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
@@ -123,10 +123,27 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                           f"{stacks}")
             self._tag({STALLED_TAG: f"{time.time():.3f}"})
 
+        def superseded(reason: str) -> None:
+            run.log.error(f"{run.name}: {reason}; exiting this process (its work is another "
+                          "run's now, and this one must not hold the device)")
+            self._tag({tags.SUPERSEDED: reason})
+
         self._dog = Watchdog(publish, interval=self.interval_seconds,
                              stall_timeout=self.stall_timeout_seconds,
-                             enforce=self.watchdog, on_stall=stalled)
+                             enforce=self.watchdog, on_stall=stalled,
+                             check=lambda: self._superseded(run), on_superseded=superseded)
         self._dog.start()
+
+    def _superseded(self, run: StageRun) -> str | None:
+        """Why this process's work is no longer its own, or None: its run is no longer live
+        (the sensor or a user ended it) or another attempt claimed its partition."""
+        if self._instance is not None and self._run_id is not None:
+            record = self._instance.get_run_by_id(self._run_id)
+            if record is not None and record.status.value not in WORKING:
+                return f"its run {self._run_id} is {record.status.value}"
+        if run.still_holds is not None and not run.still_holds():
+            return "another attempt claimed its partition"
+        return None
 
     def on_start(self, run: StageRun) -> None:
         if self._dog is None or self._ended:

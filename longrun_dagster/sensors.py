@@ -1,196 +1,57 @@
-"""The stalled-run sensor: finds model-stage runs that stopped progressing (hung, frozen,
-killed, node gone), ends them, and relaunches the same partitions, which resume from
-their checkpoints.
-
-``find_stalled`` and ``plan`` are the decisions, as pure functions; ``stalled_run_sensor``
-is the Dagster shell that feeds them the instance's runs and carries them out.
+"""The stalled-run sensor: the Dagster and OS shell around ``recovery``'s decisions. It
+finds model-stage runs that stopped progressing (hung, frozen, killed, node gone), ends
+each (terminate, wait until it is terminal, then force it), decides once from its final
+state, and relaunches the same selection and partitions, which resume from their
+checkpoints; or leaves the run to Dagster's run retries, and relaunches it after all if
+no re-execution comes.
 """
 
-import os
+import dataclasses
+import json
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
+import psutil
 
 from longrun_dagster import tags as T
+from longrun_dagster.heartbeat import current_process
+from longrun_dagster.recovery import (
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    Action,
+    Plan,
+    ProcessIdentity,
+    RunView,
+    Stalled,
+    continuations,
+    failure_page,
+    find_stalled,
+    plan,
+    retry_fell_through,
+    undecided,
+)
+
+__all__ = ["ATTEMPT_TAG", "HANDLED_TAG", "LIVE", "PARTITION_TAG", "RANGE_END_TAG",
+           "RANGE_START_TAG", "RELAUNCHED_FROM_TAG", "Action", "Plan", "RunView", "Stalled",
+           "continuations", "find_stalled", "plan", "process_alive_here",
+           "stalled_run_sensor"]
 
 ATTEMPT_TAG = T.ATTEMPT
 RELAUNCHED_FROM_TAG = T.RELAUNCHED_FROM
 HANDLED_TAG = T.HANDLED
-PARTITION_TAG = "dagster/partition"
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 LIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
         dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
         dg.DagsterRunStatus.CANCELING)
-
-
-@dataclass(frozen=True)
-class RunView:
-    """What the decisions need to know about a run."""
-
-    run_id: str
-    status: str
-    started_at: float | None
-    progress_at: float | None
-    pid: int | None
-    host: str | None
-    partition: str | None
-    assets: tuple[str, ...]
-    attempt: int = 1
-    relaunched_from: str | None = None
-    handled: str | None = None
-    """What the sensor decided for this run already (relaunch, give_up, leave)."""
-    crashed: bool = False
-    """It failed with no step failure: its process died mid-step (kill -9, OOM killer)."""
-    continuation: bool = False
-    """Its time budget ended a segment and the partition asked to continue."""
-    segment: int = 1
-    stalled_at: float | None = None
-    stage_ended: bool = False
-    """Its last stage step is over (the run may go on with other steps, or wait for a pool
-    slot for the next stage): no stage is in progress to stall."""
-    will_retry: bool = False
-    """It failed and Dagster's run retries will re-execute it."""
-    partition_range: tuple[str, str] | None = None
-    """A range run's first and last partition (``partition`` then reads "first...last")."""
-
-    @classmethod
-    def of(cls, run: dg.DagsterRun, started_at: float | None, crashed: bool = False
-           ) -> "RunView":
-        tags = T.own(run.tags, run.run_id, run.parent_run_id)
-        progress_at = pid = host = None
-        state = ""
-        if T.HEARTBEAT in tags:
-            at, _, pid_text, host, state = (tags[T.HEARTBEAT].split("|") + [""] * 5)[:5]
-            progress_at, pid = float(at), int(pid_text) if pid_text.isdigit() else None
-        keys = tuple(sorted(k.to_user_string() for k in (run.asset_selection or ()))) or \
-            tuple(a for a in tags.get(T.ASSETS, "").split(",") if a)
-        span = (tags[RANGE_START_TAG], tags[RANGE_END_TAG]) \
-            if PARTITION_TAG not in tags and RANGE_START_TAG in tags and RANGE_END_TAG in tags \
-            else None
-        return cls(
-            run_id=run.run_id, status=run.status.value, started_at=started_at,
-            progress_at=progress_at, pid=pid, host=host or None,
-            partition=f"{span[0]}...{span[1]}" if span else tags.get(PARTITION_TAG),
-            partition_range=span, assets=keys,
-            attempt=int(tags.get(ATTEMPT_TAG, "1")),
-            relaunched_from=tags.get(RELAUNCHED_FROM_TAG), handled=tags.get(HANDLED_TAG),
-            stalled_at=float(tags[T.STALLED]) if T.STALLED in tags else None,
-            crashed=crashed, continuation=tags.get(T.CONTINUATION) == "requested",
-            segment=int(tags.get(T.SEGMENT, "1")), stage_ended=state == T.HEARTBEAT_ENDED,
-            will_retry=tags.get(T.WILL_RETRY) == "true",
-        )
-
-
-@dataclass(frozen=True)
-class Stalled:
-    run: RunView
-    reason: str
-
-
-def find_stalled(runs: Iterable[RunView], now: float, timeout: float,
-                 process_alive: Callable[[RunView], bool | None],
-                 start_grace: float | None = None) -> list[Stalled]:
-    """Running stage runs whose process is gone, or that made no progress for ``timeout``
-    seconds since their last heartbeat (or, before their first one, ``start_grace``
-    seconds since the run started: a loaded machine can take longer than a short stall
-    timeout to start a step), and runs whose own watchdog reported a stall (those may
-    already show as failed)."""
-    found = []
-    for run in runs:
-        if run.handled:
-            continue
-        if run.continuation or run.status not in ("STARTED", "STARTING", "CANCELING") and not (
-                run.status == "FAILURE" and (run.stalled_at is not None or run.crashed)):
-            continue  # a failed run counts only when its process died or its watchdog fired
-        if run.stage_ended and run.status != "FAILURE":
-            continue  # between stages; a lost run worker is Dagster's run monitoring's to see
-        alive = process_alive(run)
-        last = run.progress_at or run.started_at
-        allowed = timeout if run.progress_at else max(timeout, start_grace or timeout)
-        if run.stalled_at is not None:
-            found.append(Stalled(run, "its watchdog reported a stall and exited the process"))
-        elif run.crashed:
-            found.append(Stalled(run, "its process died in the middle of a step"))
-        elif alive is False:
-            found.append(Stalled(run, f"its process {run.pid} on {run.host} is gone"))
-        elif last is not None and now - last > allowed:
-            found.append(Stalled(run, f"no progress for {now - last:.0f}s "
-                                      f"(stall timeout {timeout:.0f}s)"))
-    return found
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to do about one stalled run: ``relaunch`` (with the next attempt number),
-    ``give_up`` (retry budget spent), ``leave`` (committed, or a live run has it), or
-    ``dagster_retry`` (Dagster's run retries re-execute it)."""
-
-    stalled: Stalled
-    action: str
-    attempt: int
-    why: str
-
-
-def continuations(runs: Iterable[RunView]) -> list[RunView]:
-    """Failed runs that ended a time-boxed segment on purpose and want the next one."""
-    return [r for r in runs if r.status == "FAILURE" and r.continuation and not r.handled
-            and not r.will_retry]  # Dagster's run retry continues it (in its backfill)
-
-
-def plan(stalled: Stalled, live: Sequence[RunView], committed: bool, budget: int) -> Plan:
-    run = stalled.run
-    if committed:
-        return Plan(stalled, "leave", run.attempt, "its partition is committed already")
-    if run.will_retry:
-        return Plan(stalled, "dagster_retry", run.attempt, "Dagster's run retries re-execute it "
-                    "(as part of its backfill, if any); it resumes from the checkpoint")
-    for other in live:
-        if other.run_id != run.run_id and other.partition == run.partition and \
-                set(other.assets) & set(run.assets):
-            return Plan(stalled, "leave", run.attempt,
-                        f"run {other.run_id} is already working on this partition")
-    if run.attempt >= budget:
-        return Plan(stalled, "give_up", run.attempt,
-                    f"attempt {run.attempt} of {budget} stalled; retry budget spent")
-    return Plan(stalled, "relaunch", run.attempt + 1, stalled.reason)
-
-
-def process_alive_here(run: RunView) -> bool | None:
-    """True/False for a process on this host; None when it cannot be told from here."""
-    if run.pid is None or run.host != socket.gethostname():
-        return None
-    try:
-        os.kill(run.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _not_zombie(run.pid)
-
-
-def _state(pid: int) -> str:
-    """The process state letter from /proc (R, S, D, T stopped, Z zombie), or ''."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _not_zombie(pid: int) -> bool:
-    return _state(pid) != "Z"
-
-
-def _stopped(pid: int) -> bool:
-    return _state(pid) in ("T", "t")
+FAILURES_PER_TICK = 200
+DECIDED_PER_TICK = 2000
+CRASH_ERRORS = ("ChildProcessCrashException",)
+"""Step failures an executor writes for a step process that died (not code that raised)."""
 
 
 def stalled_run_sensor(
@@ -200,6 +61,7 @@ def stalled_run_sensor(
     minimum_interval_seconds: int = 30,
     kill_grace_seconds: float = 10.0,
     start_grace_seconds: float = 120.0,
+    retry_patience_seconds: float = 300.0,
     name: str = "longrun_stalled_runs",
     target: Any = None,
 ) -> dg.SensorDefinition:
@@ -208,7 +70,10 @@ def stalled_run_sensor(
     ``retry_budget`` attempts per partition. State lives in run tags, so the sensor
     survives its own restarts. Use the same ``stall_timeout_seconds`` as the stages'
     ``Heartbeat`` resource (or more). A run that has not published its first heartbeat
-    yet (its process is starting) gets ``start_grace_seconds`` from its start instead."""
+    yet (its process is starting) gets ``start_grace_seconds`` from its start instead.
+    A stalled run gets ``kill_grace_seconds`` to end after its terminate before the sensor
+    marks it failed itself; a run left to Dagster's run retries that sees no re-execution
+    within ``retry_patience_seconds`` (or ends CANCELED) is relaunched by the sensor."""
 
     @dg.sensor(name=name, minimum_interval_seconds=minimum_interval_seconds,
                target=target or dg.AssetSelection.all(),
@@ -216,48 +81,31 @@ def stalled_run_sensor(
                description=f"Relaunches model-stage runs silent for over "
                            f"{stall_timeout_seconds:.0f}s (retry budget {retry_budget}).")
     def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
-        instance = context.instance
+        instance, log = context.instance, context.log
         now = time.time()
-        stage = {T.STAGE_RUN: "true"}
-        live = instance.get_run_records(filters=dg.RunsFilter(statuses=list(LIVE), tags=stage))
-        # Failed runs matter when their watchdog or the OOM killer ended them; look at each
-        # failed run once (the cursor is the newest update seen), not on every tick.
-        since = float(context.cursor) if context.cursor else now - 86400
-        failed = instance.get_run_records(
-            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], tags=stage,
-                                  updated_after=datetime.fromtimestamp(since, UTC)),
-            limit=200)
-        views = [_view(rec) for rec in live]
-        views += [_view(rec, _crashed(instance, rec.dagster_run)) for rec in failed
-                  if HANDLED_TAG not in _own(rec.dagster_run)]
-        if failed:
-            context.update_cursor(str(max(r.update_timestamp.timestamp() for r in failed)))
-        pending = instance.get_runs(filters=dg.RunsFilter(
-            tags={T.DECIDED: "relaunch"},
-            updated_after=datetime.fromtimestamp(now - 3600, UTC)), limit=100)
-        # Requests are idempotent (run_key): repeat them for every run decided "relaunch", so
-        # a tick that failed after tagging, or a daemon restart, never loses a relaunch.
-        relaunch = [v for v in map(_decided, pending) if v.handled == "relaunch"
-                    and not v.will_retry]
-        requests = [_continue(v) for v in map(_decided, instance.get_runs(
-            filters=dg.RunsFilter(tags={T.DECIDED: "continue"},
-                                  updated_after=datetime.fromtimestamp(now - 3600, UTC)),
-            limit=100)) if v.handled == "continue"]
+        live = [_view(rec) for rec in instance.get_run_records(
+            filters=dg.RunsFilter(statuses=list(LIVE), tags={T.STAGE_RUN: "true"}))]
+        failed, cursor = _failed_since(instance, context.cursor, now)
+        views = live + failed
+        _watch_dagster_retries(instance, now, retry_patience_seconds, retry_budget, log)
         for run in continuations(views):
             decision = plan(Stalled(run, "segment ended"), views, False, budget=10**9)
-            if decision.action == "relaunch":
-                _decide(instance, run.run_id, "continue")
-                requests.append(_continue(run))
-        for item in find_stalled(views, now, stall_timeout_seconds, process_alive_here,
-                                 start_grace=start_grace_seconds):
-            decision = plan(item, views, _committed_since(instance, item.run), retry_budget)
-            _end(instance, item, decision, kill_grace_seconds, context.log)
-            if decision.action == "relaunch" and _dagster_retries(instance, item.run):
-                context.log.info(f"run {item.run.run_id}: Dagster's run retries re-execute "
-                                 "it; no relaunch")
-            elif decision.action == "relaunch":
-                relaunch.append(item.run)
-        requests += [_relaunch(v) for v in relaunch]
+            if decision.action == Action.RELAUNCH:
+                _decide(instance, run.run_id, Action.CONTINUE)
+        stalled = find_stalled(views, now, stall_timeout_seconds, process_alive_here,
+                               start_grace=start_grace_seconds,
+                               step_over=lambda r: _step_over(instance, r))
+        for item in _end_all(instance, stalled, kill_grace_seconds, log):
+            item = _with_planned_assets(instance, item)
+            decision = plan(item, [v for v in live if v.run_id != item.run.run_id],
+                            _committed_since(instance, item.run), retry_budget)
+            _carry_out(instance, decision, log)
+        if cursor is not None:
+            context.update_cursor(cursor)
+        # Requests are idempotent (run_key): repeat them for every run decided so, so a tick
+        # that failed after tagging, or a daemon restart, never loses a relaunch.
+        requests = [_relaunch(v) for v in _decided_runs(instance, Action.RELAUNCH, now)]
+        requests += [_continue(v) for v in _decided_runs(instance, Action.CONTINUE, now)]
         if not requests:
             yield dg.SkipReason(f"{len(views)} stage run(s) watched, none stalled")
         yield from requests
@@ -265,39 +113,73 @@ def stalled_run_sensor(
     return _sensor
 
 
-def _own(run: dg.DagsterRun) -> Any:
-    return T.own(run.tags, run.run_id, run.parent_run_id)
-
-
-def _decided(run: dg.DagsterRun) -> RunView:
-    return RunView.of(run, None)
-
-
-def _decide(instance: dg.DagsterInstance, run_id: str, action: str) -> None:
-    instance.add_run_tags(run_id, {HANDLED_TAG: T.mark(run_id, action), T.DECIDED: action,
-                                   T.RUN_ID: run_id})
-
-
-def _dagster_retries(instance: dg.DagsterInstance, run: RunView) -> bool:
-    """Whether Dagster marked the run (just reported failed) for a re-execution by its run
-    retries: that one keeps the run's backfill and lineage, so it goes instead of ours."""
-    fresh = instance.get_run_by_id(run.run_id)
-    if fresh is None or fresh.tags.get(T.WILL_RETRY) != "true":
-        return False
-    _decide(instance, run.run_id, "dagster_retry")
-    return True
-
+# -- reading runs ----------------------------------------------------------------------------
 
 def _view(record: Any, crashed: bool = False) -> RunView:
     started = record.start_time or record.create_timestamp.timestamp()
     return RunView.of(record.dagster_run, started, crashed)
 
 
+def _failed_since(instance: dg.DagsterInstance, raw_cursor: str | None, now: float
+                  ) -> tuple[list[RunView], str | None]:
+    """Failed stage runs updated since the cursor, at most ``FAILURES_PER_TICK`` of them,
+    oldest first (the rest on the next ticks: none is skipped), and the new cursor."""
+    since, seen = _parse_cursor(raw_cursor, now)
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
+                              tags={T.STAGE_RUN: "true"},
+                              updated_after=datetime.fromtimestamp(since - 0.001, UTC)),
+        limit=FAILURES_PER_TICK + len(seen) + 1, order_by="update_timestamp", ascending=True)
+    by_id = {r.dagster_run.run_id: r for r in records}
+    page, (last, at_last) = failure_page(
+        [(r.update_timestamp.timestamp(), r.dagster_run.run_id) for r in records],
+        (since, seen), FAILURES_PER_TICK)
+    views = []
+    for run_id in page:
+        record = by_id[run_id]
+        if HANDLED_TAG in _own(record.dagster_run):
+            continue
+        views.append(_view(record, _crashed(instance, record.dagster_run)))
+    changed = page or raw_cursor is None
+    return views, json.dumps({"t": last, "seen": at_last}) if changed else None
+
+
+def _parse_cursor(raw: str | None, now: float) -> tuple[float, list[str]]:
+    if not raw:
+        return now - 86400, []
+    if raw.startswith("{"):
+        data = json.loads(raw)
+        return float(data["t"]), list(data["seen"])
+    return float(raw), []  # 0.1's cursor: the newest update time seen
+
+
+def _own(run: dg.DagsterRun) -> Any:
+    return T.own(run.tags, run.run_id, run.parent_run_id)
+
+
 def _crashed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
-    """A failed run with no STEP_FAILURE event: no code raised, the process died."""
+    """A failed run whose failure no code raised: no STEP_FAILURE at all (its process died
+    before any step could fail), or only ones the executor wrote for a dead step process.
+    (A failed run whose last heartbeat is not ``ended`` counts as crashed in any case.)"""
     failures = instance.get_records_for_run(
-        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1).records
-    return not failures
+        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=20).records
+    return all(_error_class(r.event_log_entry) in CRASH_ERRORS for r in failures)
+
+
+def _error_class(entry: Any) -> str | None:
+    event = entry.dagster_event
+    data = getattr(event, "step_failure_data", None) if event is not None else None
+    error = getattr(data, "error", None)
+    return getattr(error, "cls_name", None)
+
+
+def _step_over(instance: dg.DagsterInstance, run: RunView) -> bool:
+    """Whether a step of the run finished after its stage's last progress (after an
+    ``ended`` beat: the stage's own step finished, and the run went on)."""
+    records = instance.get_records_for_run(
+        run.run_id, of_type={dg.DagsterEventType.STEP_SUCCESS,
+                             dg.DagsterEventType.STEP_FAILURE}, ascending=False, limit=1).records
+    return bool(records) and records[0].event_log_entry.timestamp >= (run.progress_at or 0.0)
 
 
 def _committed_since(instance: dg.DagsterInstance, run: RunView) -> bool:
@@ -317,40 +199,218 @@ def _committed_since(instance: dg.DagsterInstance, run: RunView) -> bool:
     return True
 
 
-def _end(instance: dg.DagsterInstance, item: Stalled, decision: Plan, grace: float,
-         log: Any) -> None:
-    """Terminate the run, make sure its process is gone, mark it failed with the reason."""
+def _decided_runs(instance: dg.DagsterInstance, action: Action, now: float) -> list[RunView]:
+    """Runs decided so in the last hour (a request per run is repeated on every tick until
+    then: the run key makes it one run, and a tick that died after deciding loses none)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(
+        tags={T.DECIDED: action.value}, updated_after=datetime.fromtimestamp(now - 3600, UTC)),
+        limit=DECIDED_PER_TICK)
+    return [v for v in (RunView.of(r, None) for r in runs) if v.handled == action.value]
+
+
+# -- processes -------------------------------------------------------------------------------
+
+def process_alive_here(run: RunView) -> bool | None:
+    """True/False for the run's process when this host can name it for sure (same kernel,
+    same pid namespace, same pid and start time); None when it cannot be told from here."""
+    proc = _verified(run.process)
+    if proc is None:
+        return None if run.process is None or not _same_table(run.process) else False
+    try:
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _same_table(process: ProcessIdentity) -> bool:
+    return process.same_kernel_and_namespace(current_process())
+
+
+def _verified(process: ProcessIdentity | None) -> psutil.Process | None:
+    """The live process the identity names, or None (gone, another process now has its
+    pid, or it lives where this host cannot see)."""
+    if process is None or not _same_table(process):
+        return None
+    try:
+        proc = psutil.Process(process.pid)
+        if abs(proc.create_time() - process.started) > 0.01:
+            return None  # the pid was reused by another process
+        return proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _signal(process: ProcessIdentity | None, sig: int, log: Any) -> bool:
+    """Send ``sig`` to the process only if it is verifiably the one named."""
+    proc = _verified(process)
+    if proc is None:
+        return False
+    try:
+        proc.send_signal(sig)  # psutil re-checks the start time before signalling
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied as exc:
+        log.warning(f"not allowed to signal process {proc.pid}: {exc}")
+        return False
+
+
+def _stopped(process: ProcessIdentity | None) -> bool:
+    proc = _verified(process)
+    try:
+        return proc is not None and proc.status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- ending a stalled run ----------------------------------------------------------------------
+
+def _end_all(instance: dg.DagsterInstance, stalled: Sequence[Stalled], grace: float,
+             log: Any) -> list[Stalled]:
+    """End every stalled run still running, wait up to ``grace`` seconds for each to be
+    terminal, mark the rest failed, and return each with its run's final state. Slots they
+    held are freed."""
+    stopping = [t for t in (_stop(instance, item, log) for item in stalled if item.run.running)
+                if t is not None]
+    deadline = time.time() + grace
+    for thread in stopping:
+        thread.join(max(0.0, deadline - time.time()))
+    ended = []
+    for item in stalled:
+        run = _final(instance, item, deadline, log)
+        if run is not None:
+            _free_slots(instance, run.run_id, log)
+            ended.append(Stalled(run, item.reason))
+    return ended
+
+
+def _stop(instance: dg.DagsterInstance, item: Stalled, log: Any) -> threading.Thread | None:
+    """Stop the run's work. A process this host can name is signalled (SIGTERM: the stage
+    checkpoints and Dagster reports the run failed; SIGKILL when frozen, since it answers
+    nothing); one that is gone or ending itself is left; one elsewhere is terminated
+    through the run launcher, in a thread of its own (it can block on a hung worker)."""
     run = item.run
-    _decide(instance, run.run_id, decision.action)
-    if run.pid is not None and process_alive_here(run) and _stopped(run.pid):
-        os.kill(run.pid, signal.SIGKILL)  # frozen (SIGSTOP): it can answer nothing, not even
-        # the launcher's terminate, which would block the code server waiting on it
-    else:  # terminate can still block on a hung worker: a thread of its own, then escalate
-        threading.Thread(target=_terminate, args=(instance, run.run_id, log),
-                         daemon=True).start()
-    if run.pid is not None and process_alive_here(run):
-        deadline = time.time() + grace
-        while time.time() < deadline and process_alive_here(run):
-            time.sleep(0.2)
-        if process_alive_here(run):
-            try:
-                os.kill(run.pid, signal.SIGKILL)  # SIGINT never reaches a thread stuck in C
-            except ProcessLookupError:
-                pass
-    dagster_run = instance.get_run_by_id(run.run_id)
-    history = _history(instance, run)
-    message = (f"longrun: run stalled ({item.reason}); {decision.action}: {decision.why}. "
-               f"Attempts of partition {run.partition}: {history}")
-    if dagster_run is not None and dagster_run.status in LIVE:
-        instance.report_run_failed(dagster_run, message=message)
-    log.info(message)
+    alive = process_alive_here(run)
+    if run.stalled_at is not None or alive is False:
+        return None  # its watchdog is exiting it, or it is gone: nothing to stop
+    if alive:
+        _signal(run.process, signal.SIGKILL if _stopped(run.process) else signal.SIGTERM, log)
+        return None
+    thread = threading.Thread(target=_launcher_terminate, args=(instance, run.run_id, log),
+                              daemon=True)
+    thread.start()
+    return thread
 
 
-def _terminate(instance: dg.DagsterInstance, run_id: str, log: Any) -> None:
+def _launcher_terminate(instance: dg.DagsterInstance, run_id: str, log: Any) -> None:
     try:
         instance.run_launcher.terminate(run_id)
     except Exception as exc:  # noqa: BLE001 - a launcher that cannot terminate: escalated
         log.warning(f"run launcher could not terminate {run_id}: {exc}")
+
+
+def _final(instance: dg.DagsterInstance, item: Stalled, deadline: float, log: Any
+           ) -> RunView | None:
+    """The run once terminal: waited for until ``deadline``, then its process killed (when
+    verifiable here) and the run marked failed with the reason."""
+    run_id = item.run.run_id
+    while True:
+        record = _record(instance, run_id)
+        if record is None:
+            return None
+        # a failed run's retry verdict follows its status: decide with it, not before
+        if record.dagster_run.is_finished and not undecided(
+                _view(record), instance.run_retries_enabled) or time.time() >= deadline:
+            break
+        time.sleep(0.25)
+    if not record.dagster_run.is_finished:
+        _signal(item.run.process, signal.SIGKILL, log)  # SIGINT never reaches a thread
+        # stuck in C; a process on another host ends itself (its watchdog sees the run end)
+        instance.report_run_failed(record.dagster_run, message=(
+            f"longrun: run stalled ({item.reason}) and did not end within its kill grace; "
+            "marked failed"))
+        record = _record(instance, run_id) or record
+    return _view(record, item.run.crashed)
+
+
+def _record(instance: dg.DagsterInstance, run_id: str) -> Any:
+    records = instance.get_run_records(filters=dg.RunsFilter(run_ids=[run_id]), limit=1)
+    return records[0] if records else None
+
+
+def _free_slots(instance: dg.DagsterInstance, run_id: str, log: Any) -> None:
+    """A run that never finished its step keeps its pool slot (the GPU) until Dagster's run
+    monitoring frees it, if ever: free it now."""
+    storage = instance.event_log_storage
+    try:
+        if storage.supports_global_concurrency_limits:
+            storage.free_concurrency_slots_for_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - a storage without pools; nothing held
+        log.warning(f"could not free the concurrency slots of run {run_id}: {exc}")
+
+
+# -- deciding --------------------------------------------------------------------------------
+
+def _carry_out(instance: dg.DagsterInstance, decision: Plan, log: Any) -> None:
+    run = decision.stalled.run
+    if decision.action == Action.RELAUNCH and not run.assets:
+        decision = Plan(decision.stalled, Action.GIVE_UP, run.attempt,
+                        "it selected no assets the sensor could relaunch")
+    extra: dict[str, str] = {}
+    if decision.action == Action.RELAUNCH:
+        extra = {**_no_dagster_retry(), T.SELECTION: T.mark(run.run_id, ",".join(run.assets))}
+    _decide(instance, run.run_id, decision.action, extra)
+    message = (f"longrun: run stalled ({decision.stalled.reason}); {decision.action.value}: "
+               f"{decision.why}. Attempts of partition {run.partition}: "
+               f"{_history(instance, run)}")
+    dagster_run = instance.get_run_by_id(run.run_id)
+    if dagster_run is not None:
+        instance.report_engine_event(message, dagster_run)
+    log.info(message)
+
+
+def _no_dagster_retry() -> dict[str, str]:
+    """Tags that keep Dagster from re-executing a run the sensor relaunches (its worker may
+    still report a failure late, when a frozen node wakes up)."""
+    return {T.MAX_RETRIES: "0", T.WILL_RETRY: "false"}
+
+
+def _decide(instance: dg.DagsterInstance, run_id: str, action: Action,
+            extra: dict[str, str] | None = None) -> None:
+    instance.add_run_tags(run_id, {
+        HANDLED_TAG: T.mark(run_id, action.value), T.DECIDED: action.value,
+        T.DECIDED_AT: T.mark(run_id, f"{time.time():.3f}"), T.RUN_ID: run_id, **(extra or {})})
+
+
+def _with_planned_assets(instance: dg.DagsterInstance, item: Stalled) -> Stalled:
+    """The stalled run with every asset it planned to materialize (its stages and the
+    assets downstream: a schedule's run has no asset selection), which its relaunch selects
+    and which must all be committed for the partition to count as done."""
+    records = instance.get_records_for_run(
+        item.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+        limit=1000).records
+    keys = {r.event_log_entry.dagster_event.asset_key for r in records
+            if r.event_log_entry.dagster_event is not None}
+    planned = tuple(sorted(k.to_user_string() for k in keys if k is not None))
+    if not planned or set(planned) <= set(item.run.assets):
+        return item
+    return Stalled(dataclasses.replace(item.run, assets=planned), item.reason)
+
+
+def _watch_dagster_retries(instance: dg.DagsterInstance, now: float, patience: float,
+                           budget: int, log: Any) -> None:
+    """Runs left to Dagster's run retries that will not be re-executed after all (they
+    ended CANCELED after their failure, or nothing came): relaunched. Never neither."""
+    for run in _decided_runs(instance, Action.DAGSTER_RETRY, now):
+        decided_at = float((run.tags or {}).get(T.DECIDED_AT, now))
+        if not retry_fell_through(run, now, decided_at, patience):
+            continue
+        why = ("Dagster's run retries did not re-execute it "
+               f"(it is {run.status}, will_retry={run.will_retry})")
+        decision = plan(Stalled(run, why), [], False, budget)
+        if decision.action == Action.DAGSTER_RETRY:  # still FAILURE, patience spent
+            decision = Plan(decision.stalled, Action.RELAUNCH, run.attempt + 1, why)
+        _carry_out(instance, decision, log)
 
 
 def _history(instance: dg.DagsterInstance, run: RunView) -> str:
@@ -362,6 +422,8 @@ def _history(instance: dg.DagsterInstance, run: RunView) -> str:
         current = RunView.of(parent, None) if parent else None
     return " <- ".join(chain)
 
+
+# -- run requests ------------------------------------------------------------------------------
 
 def _relaunch(run: RunView) -> dg.RunRequest:
     tags = {ATTEMPT_TAG: str(run.attempt + 1), RELAUNCHED_FROM_TAG: run.run_id}
@@ -376,10 +438,17 @@ def _continue(run: RunView) -> dg.RunRequest:
         RELAUNCHED_FROM_TAG: run.run_id})
 
 
+def _user_tags(run: RunView) -> dict[str, str]:
+    """The run's own tags a user or schedule set (not Dagster's, not this library's)."""
+    return {k: v for k, v in (run.tags or {}).items()
+            if not k.startswith(("dagster/", ".dagster/", "longrun/"))}
+
+
 def _same_partitions(run: RunView, key: str, tags: dict[str, str]) -> dg.RunRequest:
     """A run of the same assets over the same partition, or the same range (whose committed
     partitions it reuses, resuming the one in progress from its checkpoint)."""
     selection = [dg.AssetKey.from_user_string(k) for k in run.assets]
+    tags = {**_user_tags(run), **tags}
     if run.partition_range is not None:
         first, last = run.partition_range
         return dg.RunRequest(run_key=key, asset_selection=selection, tags={

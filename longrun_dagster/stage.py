@@ -345,7 +345,7 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
     _tag_stage_run(context, spec)
     frame = _read_upstream(spec, partitions, inputs)
     ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs), log=context.log)
-    outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context)
+    outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds)
     meta = _stage_metadata(outcome, time.monotonic() - started)
     check = _judge(spec, meta, partition)
     result = attempt.commit(
@@ -426,8 +426,8 @@ def _read_upstream(spec: StageSpec, partitions: PartitionStore,
 
 
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
-              ckpt: Checkpointer, model: _ModelOnce, context: dg.AssetExecutionContext
-              ) -> Outcome:
+              ckpt: Checkpointer, model: _ModelOnce, context: dg.AssetExecutionContext,
+              still_holds: Callable[[], bool] | None = None) -> Outcome:
     hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
 
     def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
@@ -442,7 +442,8 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      name=f"{spec.name}[{stage.partition_key}]", log=context.log,
                      one_row_per_input=spec.one_row_per_input,
                      need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string(),
-                     setup=setup if spec.setup is not None else None)
+                     setup=setup if spec.setup is not None else None,
+                     still_holds=still_holds)
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:

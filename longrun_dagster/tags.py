@@ -15,8 +15,9 @@ STAGE_RUN = "longrun/stage_run"
 ASSETS = "longrun/assets"
 """The stage assets a run computed, comma-separated (for relaunching it)."""
 HEARTBEAT = "longrun/heartbeat"
-"""``<time of last progress>|<batches done>/<total>|<pid>|<host>``, then ``|ended`` once the
-stage step is over (its process may exit while the run goes on with other steps)."""
+"""One ``recovery.Beat``: the time of the last progress, batches done of the total, the
+process doing the work (host, pid, boot id, pid namespace, start time), and ``ended`` once
+the stage step is over (its process may exit while the run goes on with other steps)."""
 HEARTBEAT_ENDED = "ended"
 STALLED = "longrun/stalled"
 """Time the run's watchdog found it stalled (then it exited the process)."""
@@ -31,11 +32,24 @@ HANDLED = "longrun/stall_handled"
 DECIDED = "longrun/decided"
 """The sensor's decision again, unowned: run tag filters match whole values, so queries use
 this one; ``HANDLED`` (owned) says whether the decision is this run's."""
+DECIDED_AT = "longrun/decided_at"
+"""When the sensor decided (a run left to Dagster's retries is relaunched if none comes)."""
+SELECTION = "longrun/selection"
+"""The assets a relaunch selects, comma-separated: everything the stalled run planned to
+materialize (a schedule's run has no asset selection; its downstream assets count too)."""
+SUPERSEDED = "longrun/superseded"
+"""Why the run's watchdog ended its process: the run was no longer live, or another attempt
+claimed its partition."""
 RUN_ID = "longrun/run_id"
 """The run the life tags below were written for."""
-LIFE = (HEARTBEAT, STALLED, CONTINUATION, HANDLED, RUN_ID)
+LIFE = (HEARTBEAT, STALLED, CONTINUATION, HANDLED, DECIDED_AT, SELECTION, SUPERSEDED, RUN_ID)
 WILL_RETRY = "dagster/will_retry"
-"""Set by Dagster on a failed run when its run retries will re-execute it."""
+"""Set by Dagster on a failed run: whether its run retries will re-execute it."""
+MAX_RETRIES = "dagster/max_retries"
+"""Dagster's per-run retry limit: the sensor sets 0 on a run it relaunches itself, so a
+failure the run's worker reports late cannot start a re-execution beside the relaunch."""
+AUTO_RETRY_RUN_ID = "dagster/auto_retry_run_id"
+"""Set by Dagster on a failed run once its run retries launched the re-execution."""
 
 
 OWNER_SEP = "@"

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from longrun_dagster.heartbeat import EXIT_STALLED, Watchdog
+from longrun_dagster.recovery import ProcessIdentity
 from longrun_dagster.sensors import RunView, Stalled, find_stalled, plan
 
 
@@ -53,8 +54,7 @@ def test_watchdog_dumps_stacks_and_exits_on_stall() -> None:
 
 def view(run_id: str, **kw: Any) -> RunView:
     base: dict[str, Any] = dict(status="STARTED", started_at=1000.0, progress_at=None,
-                                pid=None, host=None, partition="2024-01-01",
-                                assets=("scores",))
+                                process=None, partition="2024-01-01", assets=("scores",))
     base.update(kw)
     return RunView(run_id, **base)
 
@@ -69,7 +69,8 @@ def test_find_stalled_uses_last_progress_then_start_time() -> None:
 
 
 def test_a_dead_process_is_stalled_at_once() -> None:
-    found = find_stalled([view("killed", progress_at=1999.0, pid=4242, host="h")],
+    found = find_stalled([view("killed", progress_at=1999.0,
+                                               process=ProcessIdentity("h", 4242))],
                          now=2000.0, timeout=300, process_alive=lambda r: False)
     assert found and "process 4242 on h is gone" in found[0].reason
 
