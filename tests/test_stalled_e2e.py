@@ -297,3 +297,27 @@ def test_hang_while_the_model_loads_is_a_stall(tmp_path: Path, clean_sha: str) -
         logs = "\n".join(e.user_message for e in instance.all_logs(first.run_id))
     assert "no progress for" in logs and "hanging_load" in logs  # the watchdog's stacks
     assert d.committed_sha() == clean_sha
+
+
+def test_a_step_process_killed_under_the_multiprocess_executor_is_relaunched(
+        tmp_path: Path, clean_sha: str) -> None:
+    """Dagster's default executor writes STEP_FAILURE itself when a step's child process
+    dies; the sensor took that for code that raised and never relaunched the partition."""
+    d = Deployment(tmp_path, watchdog=False)
+    d.env["EXECUTOR"] = "multiprocess"
+    d.start_daemon()
+    try:
+        d.launch()
+        first = d.wait(lambda runs: runs and pid_of(runs[0]) and runs[0], 90,
+                       "the first run to start its stage")
+        pid = pid_of(first)
+        assert pid is not None and pid != first.tags.get("dagster/run_worker_pid")
+        os.kill(pid, signal.SIGKILL)
+        second = d.wait(relaunched, 150, "the relaunched run to finish")
+        runs = d.runs()
+    finally:
+        d.stop_daemon()
+    failed = next(r for r in runs if r.run_id == first.run_id)
+    assert failed.status == dg.DagsterRunStatus.FAILURE
+    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id
+    assert d.committed_sha() == clean_sha

@@ -47,8 +47,11 @@ scores = model_stage(
     else None,
 )(hanging_score)
 
-stage_job = dg.define_asset_job("stage_job", selection=[scores],
-                                executor_def=dg.in_process_executor)
+# EXECUTOR=multiprocess: Dagster's default executor (each step in a child process)
+stage_job = dg.define_asset_job(
+    "stage_job", selection=[scores],
+    executor_def=dg.multiprocess_executor if os.environ.get("EXECUTOR") == "multiprocess"
+    else dg.in_process_executor)
 STALL = float(os.environ.get("STALL_TIMEOUT", "4"))
 
 defs = dg.Definitions(
