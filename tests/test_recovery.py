@@ -4,6 +4,7 @@ stall, the relaunch's selection, freed slots, and no skipped failures. Pure deci
 tested directly; the sensor's shell against a real SQLite instance and real processes."""
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -288,3 +289,64 @@ def test_a_relaunch_selects_what_the_run_planned_downstream_included(tmp_path: P
     assert sorted(k.to_user_string() for k in request.asset_selection or []) == [
         "scores", "summary", "texts"]
     assert request.partition_key == "2024-01-01" and request.tags["team"] == "search"
+
+
+def test_the_sensor_ends_a_run_frozen_after_its_stage_ended(
+        instance: dg.DagsterInstance) -> None:
+    """Frozen after the stage's ``ended`` beat, before its commit: the run stayed STARTED
+    and held its slot forever (the sensor took it for a run between stages)."""
+    run = stage_run(instance, dg.DagsterRunStatus.STARTED,
+                    Beat(time.time() - 100, 9, 9, ProcessIdentity("elsewhere", 7), ended=True))
+    sensor = stalled_run_sensor(stall_timeout_seconds=10, kill_grace_seconds=0.5)
+    requests, _ = tick(instance, sensor)
+    assert [r.run_key for r in requests] == [f"relaunch-{run.run_id}"]
+    ended = instance.get_run_by_id(run.run_id)
+    assert ended is not None and ended.is_finished
+
+
+SUPERSEDED_STAGE = """
+import sys
+import dagster as dg
+from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat
+from tests.helpers import pipeline
+
+stage = pipeline.make_scores(hook_resource_keys=["heartbeat"])
+dg.materialize([pipeline.texts, stage], selection=[stage], partition_key=sys.argv[2],
+               resources={"io_manager": AtomicObjectStoreIOManager(base_uri=sys.argv[1]),
+                          "heartbeat": Heartbeat(interval_seconds=0.2,
+                                                 stall_timeout_seconds=600)})
+print("RESULT committed", flush=True)
+"""
+
+
+def test_the_watchdog_ends_a_stage_whose_partition_another_attempt_claimed(
+        tmp_path: Path) -> None:
+    """A step on another host (a frozen node that woke up, a Celery worker the launcher's
+    terminate never reaches) went on computing for a partition a relaunch had claimed."""
+    from longrun_dagster import AtomicObjectStoreIOManager
+    from longrun_dagster.commit import PartitionStore
+    from longrun_dagster.storage import LocalStore
+    from tests.helpers import pipeline
+
+    root = Path(__file__).parent.parent
+    base = (tmp_path / "lr").as_uri()
+    day = "2024-01-03"
+    assert dg.materialize([pipeline.texts], partition_key=day, resources={
+        "io_manager": AtomicObjectStoreIOManager(base_uri=base)}).success
+    env = {**os.environ, "PYTHONPATH": str(root), "ANNOUNCE_BATCHES": "1",
+           "BATCH_SLEEP": "0.3"}
+    store = PartitionStore(LocalStore(str(tmp_path / "lr")))
+    with subprocess.Popen([sys.executable, "-c", SUPERSEDED_STAGE, base, day], cwd=root,
+                          text=True, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("BATCH 1"):
+                break
+        else:
+            raise AssertionError(f"the stage never ran a batch (exit {proc.wait()})")
+        assert store.begin(["scores"], day, run_id="relaunch").claim()
+        out = proc.stdout.read()
+        assert proc.wait(60) == EXIT_SUPERSEDED, out[-2000:]
+    assert "another attempt claimed its partition" in out and "RESULT" not in out
+    assert store.lookup(["scores"], day) is None, "the superseded attempt committed"
