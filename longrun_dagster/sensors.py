@@ -48,7 +48,9 @@ HANDLED_TAG = T.HANDLED
 LIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
         dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
         dg.DagsterRunStatus.CANCELING)
-FAILURES_PER_TICK = 200
+FAILURES_PER_TICK = 50
+"""Failed runs looked at per tick (a stalled one costs a few instance queries); the rest
+wait for the next ticks, in order."""
 DECIDED_PER_TICK = 2000
 CRASH_ERRORS = ("ChildProcessCrashException",)
 """Step failures an executor writes for a step process that died (not code that raised)."""
@@ -139,7 +141,9 @@ def _failed_since(instance: dg.DagsterInstance, raw_cursor: str | None, now: flo
         record = by_id[run_id]
         if HANDLED_TAG in _own(record.dagster_run):
             continue
-        views.append(_view(record, _crashed(instance, record.dagster_run)))
+        # a heartbeat says whether its stage was mid-step; without one, the events tell
+        has_beat = T.HEARTBEAT in _own(record.dagster_run)
+        views.append(_view(record, not has_beat and _crashed(instance, record.dagster_run)))
     changed = page or raw_cursor is None
     return views, json.dumps({"t": last, "seen": at_last}) if changed else None
 

@@ -249,7 +249,7 @@ def test_more_failures_than_one_tick_reads_are_all_looked_at(
     never looked at."""
     ids = [stage_run(instance, dg.DagsterRunStatus.FAILURE, Beat(1000.0 + i, 1, 9, None),
                      **{"dagster/partition": f"p{i}"}).run_id
-           for i in range(FAILURES_PER_TICK + 30)]
+           for i in range(FAILURES_PER_TICK + 10)]
     sensor = stalled_run_sensor(stall_timeout_seconds=10)
     cursor: str | None = '{"t": 0, "seen": []}'
     keys: set[str] = set()
