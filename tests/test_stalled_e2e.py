@@ -80,6 +80,14 @@ class Deployment:
              "-j", "stage_job", "--tags", json.dumps({"dagster/partition": DAY})],
             cwd=ROOT, env=self.env, check=True, capture_output=True)
 
+    def wait_hung(self, timeout: float = 60) -> None:
+        """Until the first attempt consumed its hang: a process lost before that leaves the
+        marker to its relaunch, which then hangs too and needs a second recovery."""
+        deadline = time.monotonic() + timeout
+        while self.marker.exists():
+            assert time.monotonic() < deadline, "the first attempt never reached its hang"
+            time.sleep(0.2)
+
     def instance(self) -> dg.DagsterInstance:
         return dg.DagsterInstance.from_config(str(self.home))
 
@@ -190,7 +198,7 @@ def test_frozen_or_killed_run_is_relaunched_by_the_sensor(
                             60, "the first run to start its stage")
     pid = pid_of(first)
     assert pid is not None
-    time.sleep(1.0)
+    deployment.wait_hung()
     os.kill(pid, getattr(signal, how))
     second = deployment.wait(relaunched, 120, "the relaunched run to finish")
     runs = deployment.runs()
@@ -312,6 +320,7 @@ def test_a_step_process_killed_under_the_multiprocess_executor_is_relaunched(
                        "the first run to start its stage")
         pid = pid_of(first)
         assert pid is not None and pid != first.tags.get("dagster/run_worker_pid")
+        d.wait_hung()
         os.kill(pid, signal.SIGKILL)
         second = d.wait(relaunched, 150, "the relaunched run to finish")
         runs = d.runs()
