@@ -9,9 +9,14 @@ Asserted is what users see: committed bytes, run outcomes, step times in the eve
 
 import datetime as dt
 import itertools
+import os
+import random
 import signal
+import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from tests.helpers.celery_deploy import (  # noqa: E402
     NO_REDIS,
     CeleryDeployment,
     Cluster,
+    LiveAttempts,
     heartbeat,
     ns_pid_outside,
     redis_server_binary,
@@ -263,3 +269,192 @@ def _alive(proc: psutil.Process) -> bool:
         return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+# -- chaos: the Celery deployment under a seeded mix of faults ----------------------------
+CHAOS_FAULTS = {"none": 1, "kill-9": 3, "sigstop-sigcont": 2, "sigstop-never": 2,
+                "daemon-killed": 2, "retry-race": 2}
+
+
+@dataclass
+class Shot:
+    """One partition of a chaos step and the fault that lands on it."""
+
+    day: str
+    kind: str
+    at: int  # the batch the fault lands after
+    clean: str  # its digest in an uninterrupted run
+    first: dg.DagsterRun | None = None
+    node: str = ""
+    stage: psutil.Process | None = None  # the frozen stage process (sigstop-*)
+
+
+class CeleryChaos:
+    """Each step launches two partitions at once (the two nodes' stages run side by side);
+    at a random batch of each, its fault lands on the node its stage runs on (or on the
+    daemon as well). After each step, for each partition: (a) exactly one of its runs
+    succeeded and that run alone materialized and committed it; (b) the committed bytes
+    equal an uninterrupted run's; (c) all its runs ended (none STARTED or CANCELING) and no
+    pool slot is held; (d) a frozen stage woken after its partition was recovered ends
+    itself and commits nothing. Throughout, (e) no partition has two live runs at once
+    (``LiveAttempts``).
+
+    Run retries are on with max_retries 0: a `retry-race` partition's run carries
+    `dagster/max_retries: 1`, so Dagster's retry and the sensor's relaunch race for it."""
+
+    def __init__(self, d: CeleryDeployment, cluster: Cluster, tmp: Path, seed: int) -> None:
+        self.d, self.cluster, self.tmp = d, cluster, tmp
+        self.rng = random.Random(seed)
+        self.table: list[tuple[str, bool, float | None, int]] = []
+        self.wakers: list[threading.Timer] = []
+
+    def kinds(self, faults: int) -> list[str]:
+        """Every fault once (seeded order), then a weighted random mix."""
+        first = [k for k in CHAOS_FAULTS if k != "none"]
+        self.rng.shuffle(first)
+        rest = self.rng.choices(list(CHAOS_FAULTS), list(CHAOS_FAULTS.values()),
+                                k=max(0, faults - len(first)))
+        return (first + rest)[:faults]
+
+    def step(self, index: int, kinds: list[str]) -> None:
+        d, cluster = self.d, self.cluster
+        shots = [Shot(next(_days), kind, self.rng.randint(1, 14), "") for kind in kinds]
+        commit_upstream(cluster, *(s.day for s in shots))
+        for shot in shots:
+            shot.clean = clean_digest(self.tmp, shot.day)
+            d.launch(shot.day, tags={"dagster/max_retries": "1"}
+                     if shot.kind == "retry-race" else None)
+        for shot in shots:
+            self.inject(index, shot)
+        if not set(cluster.workers) - cluster.lost:  # both frozen: one node is replaced
+            cluster.replace(sorted(cluster.lost)[0])
+        for shot in shots:
+            self.judge(index, shot)
+        cluster.replace_lost()
+        cluster.wait_ready()
+
+    def inject(self, index: int, shot: Shot) -> None:
+        d, cluster, kind = self.d, self.cluster, shot.kind
+        shot.first = d.wait(lambda _: _progress(d.runs(shot.day), shot.at), 240,
+                            f"step {index} ({kind}): {shot.day}'s stage at batch {shot.at}")
+        beat = heartbeat(shot.first)
+        assert beat is not None and beat.process is not None
+        shot.node = node = worker_named(cluster, d.step_span(shot.first.run_id).worker)
+        if kind in ("kill-9", "retry-race", "daemon-killed"):
+            cluster.lose(node, signal.SIGKILL)
+            cluster.replace(node)  # a new machine comes up while the partition recovers
+        elif kind.startswith("sigstop"):
+            tree = cluster.lose(node, signal.SIGSTOP)
+            shot.stage = (ns_pid_outside(tree, beat.process.pid) if cluster.namespaces
+                          else psutil.Process(beat.process.pid))
+            if kind == "sigstop-sigcont":
+                self.wake(node, self.rng.uniform(1.0, 25.0))
+        if kind == "daemon-killed":
+            time.sleep(self.rng.uniform(0.0, celery_defs.STALL + 4.0))
+            d.kill_daemon()
+            time.sleep(self.rng.uniform(1.0, 4.0))
+            d.start_daemon()
+        print(f"step {index}: {kind} on {node} at batch {shot.at} of {shot.day}", flush=True)
+
+    def judge(self, index: int, shot: Shot) -> None:
+        d, day, first = self.d, shot.day, shot.first
+        assert first is not None
+        [done] = d.wait(lambda _: succeeded(d.runs(day)), 300, f"{day} to be committed")
+        d.wait(lambda _: all(r.status in TERMINAL for r in d.runs(day)), 150,
+               f"every run of {day} to end (none STARTED or CANCELING)")
+        d.wait(lambda _: not d.claimed_slots(), 60, "every gpu pool slot to be freed")
+        assert len(succeeded(d.runs(day))) == 1, d.describe()
+        manifest = d.committed(day)
+        assert manifest is not None and manifest.run_id == done.run_id, d.describe()
+        assert manifest.object("data").digest == shot.clean
+        assert d.materializations(day) == [done.run_id], d.describe()
+        recovered = done.run_id != first.run_id
+        if shot.kind == "sigstop-sigcont" and recovered and shot.stage is not None:
+            for waker in self.wakers:
+                waker.join()
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and _alive(shot.stage):
+                time.sleep(0.5)
+            assert not _alive(shot.stage), \
+                f"step {index}: the woken stage {shot.stage.pid} of {day} still runs"
+            assert d.committed(day) == manifest and d.materializations(day) == [done.run_id]
+        seconds = _seconds_from_last_beat_to_commit(d, first, day) if recovered else None
+        self.table.append((shot.kind, recovered, seconds, len(d.runs(day))))
+
+    def wake(self, node: str, after: float) -> None:
+        def cont() -> None:
+            self.cluster.workers[node].signal(signal.SIGCONT)
+            self.cluster.lost.discard(node)
+        waker = threading.Timer(after, cont)
+        waker.start()
+        self.wakers.append(waker)
+
+    def finish(self) -> None:
+        for waker in self.wakers:
+            waker.join()
+        self.wakers.clear()
+
+    def report(self, seed: int, started: float) -> str:
+        lines = [f"celery chaos seed {seed}: {len(self.table)} faults in "
+                 f"{time.monotonic() - started:.0f}s",
+                 "| fault | injected | took the run down, recovered | commit after last beat,"
+                 " median (max) s | runs per partition, max |", "| --- | --- | --- | --- | --- |"]
+        for kind in CHAOS_FAULTS:
+            rows = [r for r in self.table if r[0] == kind]
+            if not rows:
+                continue
+            seconds = [r[2] for r in rows if r[2] is not None]
+            spread = (f"{statistics.median(seconds):.1f} ({max(seconds):.1f})" if seconds
+                      else "-")
+            lines.append(f"| {kind} | {len(rows)} | {sum(r[1] for r in rows)} | {spread} | "
+                         f"{max(r[3] for r in rows)} |")
+        return "\n".join(lines)
+
+
+def _progress(runs: list[dg.DagsterRun], batches: int) -> dg.DagsterRun | None:
+    beat = heartbeat(runs[0]) if len(runs) == 1 else None
+    return runs[0] if beat is not None and beat.done >= batches else None
+
+
+def celery_chaos(deploy: Callable[..., CeleryDeployment], cluster: Cluster, tmp: Path,
+                 seed: int, faults: int) -> CeleryChaos:
+    d = deploy(run_retries=True, max_retries=0, gpu_pool_limit=1)
+    chaos = CeleryChaos(d, cluster, tmp, seed)
+    watch = LiveAttempts(d.home)
+    started = time.monotonic()
+    kinds = chaos.kinds(faults)
+    try:
+        for index in range(0, len(kinds), 2):
+            chaos.step(index // 2, kinds[index:index + 2])
+    finally:
+        chaos.finish()
+        watch.stop()
+        print(chaos.report(seed, started))
+        print(f"live-attempt samples: {watch.samples}")
+    assert not watch.overlaps, watch.overlaps
+    return chaos
+
+
+def test_e_chaos_on_celery_a_short_fixed_seed(
+    deploy: Callable[..., CeleryDeployment], cluster: Cluster, tmp_path: Path
+) -> None:
+    """Each fault once: kill -9 of a worker, SIGSTOP then SIGCONT, SIGSTOP for good, the
+    daemon killed during the recovery, and Dagster's run retry racing the sensor."""
+    seed = int(os.environ.get("LONGRUN_CHAOS_SEED") or 13)
+    print(f"chaos seed {seed} (replay with LONGRUN_CHAOS_SEED={seed})")
+    celery_chaos(deploy, cluster, tmp_path, seed, len(CHAOS_FAULTS))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
+def test_f_chaos_on_celery_soak(
+    deploy: Callable[..., CeleryDeployment], cluster: Cluster, tmp_path: Path
+) -> None:
+    """≥100 faults that took a run down (LONGRUN_CELERY_SOAK_FAULTS), a new seed each
+    time; its table goes to bench/README.md."""
+    seed = int(os.environ.get("LONGRUN_CHAOS_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"chaos seed {seed} (replay with LONGRUN_CHAOS_SEED={seed})")
+    want = int(os.environ.get("LONGRUN_CELERY_SOAK_FAULTS") or 100)
+    chaos = celery_chaos(deploy, cluster, tmp_path, seed, int(want * 1.25) + 6)
+    effective = sum(1 for kind, recovered, _, _ in chaos.table if kind != "none" and recovered)
+    assert effective >= want, chaos.report(seed, 0.0)

@@ -139,16 +139,18 @@ class Redis(Group):
         return f"redis://127.0.0.1:{self.port}/{db}"
 
 
-def instance_yaml(*, postgres_url: str, run_retries: bool, gpu_pool_limit: int | None) -> str:
-    """deploy/dagster.yaml with test-sized intervals, run retries on or off, and the gpu
-    pool's slots (None: unlimited, so only the Celery queue admits GPU steps). The database
-    URL is written in: the instance ref that runs hand to the shared workers carries it."""
+def instance_yaml(*, postgres_url: str, run_retries: bool, gpu_pool_limit: int | None,
+                  max_retries: int = 1) -> str:
+    """deploy/dagster.yaml with test-sized intervals, run retries on or off (``max_retries``
+    by default; a run's `dagster/max_retries` tag overrides it), and the gpu pool's slots
+    (None: unlimited, so only the Celery queue admits GPU steps). The database URL is
+    written in: the instance ref that runs hand to the shared workers carries it."""
     config = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
     config["storage"]["postgres"]["postgres_url"] = postgres_url
     config["run_coordinator"]["config"] = {"dequeue_interval_seconds": 1}
     config["run_monitoring"].update(poll_interval_seconds=3, cancel_timeout_seconds=5,
                                     free_slots_after_run_end_seconds=5)
-    config["run_retries"]["enabled"] = run_retries
+    config["run_retries"].update(enabled=run_retries, max_retries=max_retries)
     if gpu_pool_limit is None:
         config["concurrency"].pop("pools", None)
     else:
@@ -247,9 +249,14 @@ class Cluster:
     def replace_lost(self) -> None:
         """Start a replacement for every worker a test lost (a new node of that name)."""
         for name in sorted(self.lost):
-            self.workers[name].signal(signal.SIGCONT)
-            self.workers[name].kill()
-            self.start_worker(name, *self.queues[name])
+            self.replace(name)
+
+    def replace(self, name: str) -> None:
+        """The node's processes killed (woken first if frozen) and a new node of that name
+        started in their place."""
+        self.workers[name].signal(signal.SIGCONT)
+        self.workers[name].kill()
+        self.start_worker(name, *self.queues[name])
 
     def lose(self, name: str, sig: int = signal.SIGKILL) -> list[psutil.Process]:
         """``sig`` to a worker's whole process tree (a node lost or frozen); returns the
@@ -301,12 +308,14 @@ class CeleryDeployment:
     database) and a dagster-daemon loading the test code location, on the cluster."""
 
     def __init__(self, tmp: Path, cluster: Cluster, *, postgres_url: str,
-                 run_retries: bool = False, gpu_pool_limit: int | None = None) -> None:
+                 run_retries: bool = False, gpu_pool_limit: int | None = None,
+                 max_retries: int = 1) -> None:
         self.cluster = cluster
         self.home = tmp / "home"
         self.home.mkdir(parents=True)
         (self.home / "dagster.yaml").write_text(instance_yaml(
-            postgres_url=postgres_url, run_retries=run_retries, gpu_pool_limit=gpu_pool_limit))
+            postgres_url=postgres_url, run_retries=run_retries, gpu_pool_limit=gpu_pool_limit,
+            max_retries=max_retries))
         self.workspace = tmp / "workspace.yaml"
         self.workspace.write_text(json.dumps({"load_from": [{"grpc_server": {
             "host": "127.0.0.1", "port": cluster.code_port, "location_name": LOCATION}}]}))
@@ -357,20 +366,34 @@ class CeleryDeployment:
             self._instance = dg.DagsterInstance.from_config(str(self.home))
         return self._instance
 
-    def launch(self, *partitions: str) -> None:
+    def kill_daemon(self) -> None:
+        """kill -9 of the dagster-daemon (its runs and their workers live on)."""
+        if self.daemon is not None:
+            self.daemon.kill()
+
+    def launch(self, *partitions: str, tags: dict[str, str] | None = None) -> None:
         """Submit one stage_job run per partition to the run queue, all at once, the way
         `dagster job launch` does."""
         procs = [subprocess.Popen(
             [sys.executable, "-m", "dagster", "job", "launch", "-w", str(self.workspace),
-             "-j", "stage_job", "--tags", json.dumps({"dagster/partition": key})],
+             "-j", "stage_job", "--tags",
+             json.dumps({**(tags or {}), "dagster/partition": key})],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for key in partitions]
         for proc in procs:
             out, _ = proc.communicate(timeout=180)
             assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
 
-    def runs(self) -> list[dg.DagsterRun]:
-        return sorted(self.instance().get_runs(), key=lambda r: r.run_id)
+    def runs(self, partition: str | None = None) -> list[dg.DagsterRun]:
+        """Every run (of ``partition`` only, if given), oldest first."""
+        filters = dg.RunsFilter(tags={"dagster/partition": partition}) if partition else None
+        records = self.instance().get_run_records(filters=filters)
+        return [r.dagster_run for r in sorted(records, key=lambda r: r.create_timestamp)]
+
+    def claimed_slots(self, pool: str = "gpu") -> list[str]:
+        """Runs holding a slot of ``pool`` (steps of ended runs must not)."""
+        info = self.instance().event_log_storage.get_concurrency_info(pool)
+        return [f"{slot.run_id[:8]}:{slot.step_key}" for slot in info.claimed_slots]
 
     def wait(self, probe: Callable[[list[dg.DagsterRun]], Any], timeout: float, what: str
              ) -> Any:
@@ -467,3 +490,37 @@ def ns_pid_outside(tree: Iterable[psutil.Process], ns_pid: int) -> psutil.Proces
             if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
                 return proc
     return None
+
+
+class LiveAttempts:
+    """Watches, from its own thread and instance, that no partition ever has two live runs
+    (STARTING, STARTED or CANCELING) at once, as the UI's run list would show it. Sampled:
+    it can miss an overlap, never invent one."""
+
+    LIVE = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+            dg.DagsterRunStatus.CANCELING)
+
+    def __init__(self, home: Path, every: float = 0.5) -> None:
+        import threading
+
+        self.home, self.every = home, every
+        self.overlaps: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            while not self._stop.wait(self.every):
+                live: dict[str, list[str]] = {}
+                for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(self.LIVE))):
+                    key = run.tags.get("dagster/partition", "")
+                    live.setdefault(key, []).append(f"{run.run_id[:8]}:{run.status.value}")
+                self.samples += 1
+                self.overlaps += [f"{time.strftime('%H:%M:%S')} {key}: {ids}"
+                                  for key, ids in live.items() if len(ids) > 1]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
