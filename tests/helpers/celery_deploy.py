@@ -465,12 +465,19 @@ class CeleryDeployment:
             s3=S3Resource(endpoint_url=self.env["LONGRUN_S3_ENDPOINT"]))
         return io.partition_store().lookup([STAGE], partition)
 
-    def materializations(self, partition: str) -> list[str]:
-        """Run ids of the stage's materializations of ``partition``."""
+    def materializations(self, partition: str, reused: bool | None = None) -> list[str]:
+        """Run ids of the stage's materializations of ``partition`` (only those that
+        computed it, or only those that reused a committed one, if ``reused`` says)."""
         records = self.instance().fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(STAGE), asset_partitions=[partition]),
             limit=100).records
-        return [r.run_id for r in records]
+        found = []
+        for record in records:
+            materialization = record.asset_materialization
+            flag = materialization.metadata.get("reused") if materialization else None
+            if reused is None or bool(flag and flag.value) == reused:
+                found.append(record.run_id)
+        return found
 
 
 def heartbeat(run: dg.DagsterRun) -> Beat | None:
