@@ -35,6 +35,11 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
                                    "fitted over.")
     leak_warn_mb_per_1000_steps: float = Field(default=256.0, description="Climb rate of "
                                                "post-cleanup memory reported as a leak.")
+    leak_warmup_steps: int = Field(default=3, description="Batches after setup left out "
+                                   "of the leak trend (allocator caches and lazy "
+                                   "initialisation grow there, then stop).")
+    leak_min_samples: int = Field(default=10, description="Readings after warm-up before "
+                                  "a leak trend is fitted at all.")
     fail_on_leak_within_steps: float | None = Field(
         default=None, description="Fail (retryably) when a leak is projected to hit the "
         "hard threshold within this many steps; unset: only warn.")
@@ -53,7 +58,9 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
             backend, Thresholds(self.soft_threshold, self.hard_threshold),
             sample_every=self.sample_every_steps, leak_window=self.leak_window_steps,
             leak_mb_per_1000_steps=self.leak_warn_mb_per_1000_steps,
-            fail_on_leak_within_steps=self.fail_on_leak_within_steps, **kwargs,
+            fail_on_leak_within_steps=self.fail_on_leak_within_steps,
+            warmup_steps=self.leak_warmup_steps, leak_min_samples=self.leak_min_samples,
+            **kwargs,
         )
 
     def on_prepare(self, run: StageRun) -> None:
@@ -69,7 +76,7 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def on_batch(self, run: StageRun) -> None:
         assert self._guard is not None, "on_start was not called"
-        self._guard.step()
+        self._guard.step(run.progress.batches_total - run.progress.batches_done)
 
     def on_end(self, run: StageRun) -> dict[str, Any]:
         return self._guard.metadata() if self._guard is not None else {}
