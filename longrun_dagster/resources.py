@@ -121,7 +121,8 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
 
         def publish(at: float, counters: dict[str, Any]) -> None:
             done = counters.get("batches_done", run.progress.batches_done)
-            self._tag({HEARTBEAT_TAG: Beat(at, done, total, process, self._ended).encode()})
+            self._tag({HEARTBEAT_TAG: Beat(at, done, total, process, self._ended).encode()},
+                      {tags.PROGRESS: f"{run.name}: {run.progress.summary(self._ended)}"})
 
         def stalled(stacks: str, silent_for: float) -> None:
             run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
@@ -135,6 +136,8 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                           "run's now, and this one must not hold the device)")
             self._tag({tags.SUPERSEDED: reason})
 
+        # what a re-execution inherited from its parent is not this run's progress
+        self._tag({}, {tags.PROGRESS: f"{run.name}: starting"})
         self._dog = Watchdog(publish, interval=self.interval_seconds,
                              stall_timeout=self.stall_timeout_seconds,
                              enforce=self.watchdog, on_stall=stalled,
@@ -176,7 +179,10 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
             self._dog.publish_now()
         return {"heartbeats_published": self._dog.published}
 
-    def _tag(self, values: dict[str, str]) -> None:
+    def _tag(self, values: dict[str, str], plain: dict[str, str] | None = None) -> None:
+        """``values`` marked as this run's own (the sensor reads them), ``plain`` as they
+        are (for people)."""
         if self._instance is not None and self._run_id is not None:
             owned = {k: tags.mark(self._run_id, v) for k, v in values.items()}
-            self._instance.add_run_tags(self._run_id, {**owned, RUN_ID_TAG: self._run_id})
+            self._instance.add_run_tags(self._run_id, {**owned, **(plain or {}),
+                                                       RUN_ID_TAG: self._run_id})
