@@ -104,6 +104,16 @@ class Progress:
 
     _rows_at_resume: int = 0
 
+    def summary(self, ended: bool = False) -> str:
+        """One short line for the runs list: ``45% 1,234/2,740 rows, ETA 3m``."""
+        pct = 100.0 * self.rows_done / self.rows_total if self.rows_total else 100.0
+        head = f"{pct:.0f}% {self.rows_done:,}/{self.rows_total:,} rows"
+        if ended:
+            return f"{head}, ended"
+        rate = self.rate()
+        left = self.rows_total - self.rows_done
+        return f"{head}, ETA {_duration(left / rate) if rate > 0 else '?'}"
+
     def describe(self) -> str:
         rate = self.rate()
         left = self.rows_total - self.rows_done
@@ -111,6 +121,14 @@ class Progress:
         pct = 100.0 * self.rows_done / self.rows_total if self.rows_total else 100.0
         return (f"{self.rows_done}/{self.rows_total} rows ({pct:.0f}%), batch "
                 f"{self.batches_done}/{self.batches_total}, {rate:.1f} rows/s, ETA {eta}")
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``3m``, ``1h05m``."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,17 @@ memory (process RSS against the cgroup limit or RAM) so the same logic runs, and
 tested, on a machine without a GPU.
 """
 
+import ctypes
 import gc
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import psutil
 
 from longrun_dagster.errors import ConfigError, GpuMemoryExceeded
@@ -30,6 +33,13 @@ class Reading:
     total: int
     utilization: float | None = None
     temperature: float | None = None
+    live: int | None = None
+    """Bytes in live allocations, where the backend can tell them from memory the
+    allocator keeps or the OS maps (the leak trend follows it; thresholds follow used)."""
+
+    @property
+    def trend_bytes(self) -> int:
+        return self.live if self.live is not None else self.used
 
     @property
     def fraction(self) -> float:
@@ -69,32 +79,47 @@ def over_hard(reading: Reading, thresholds: Thresholds) -> bool:
 
 @dataclass(frozen=True)
 class LeakTrend:
-    """A least-squares line through post-cleanup memory baselines."""
+    """A robust line (Theil-Sen) through memory readings taken after warm-up."""
 
     mb_per_1000_steps: float
     steps_to_hard: float | None
     """Projected steps until the hard threshold at this rate (None: not climbing)."""
     r_squared: float
+    """How much of the readings' variation the line explains (1 - SS_res / SS_tot)."""
+    samples: int = 0
+
+    @property
+    def mb_per_step(self) -> float:
+        return self.mb_per_1000_steps / 1000
 
 
-def leak_trend(samples: list[tuple[int, int]], hard_bytes: float) -> LeakTrend | None:
-    """Fit ``(step, baseline bytes)`` samples; None with fewer than 5 or no spread."""
-    if len(samples) < 5:
+LEAK_MIN_SAMPLES = 10
+"""Readings (after warm-up) before a trend is fitted at all."""
+
+
+def leak_trend(samples: list[tuple[int, int]], hard_bytes: float,
+               min_samples: int = LEAK_MIN_SAMPLES) -> LeakTrend | None:
+    """Fit ``(step, bytes)`` samples with the Theil-Sen estimator (the median of pairwise
+    slopes: one reading of allocator noise or a one-off spike does not make a trend);
+    None with fewer than ``min_samples`` or no spread in steps."""
+    if len(samples) < max(2, min_samples):
         return None
-    n = len(samples)
-    xs = [float(s) for s, _ in samples]
-    ys = [float(b) for _, b in samples]
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
+    xs = np.array([s for s, _ in samples], dtype=np.float64)
+    ys = np.array([b for _, b in samples], dtype=np.float64)
+    i, j = np.triu_indices(len(xs), k=1)
+    dx = xs[j] - xs[i]
+    keep = dx > 0
+    if not keep.any():
         return None
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    syy = sum((y - my) ** 2 for y in ys)
-    slope = sxy / sxx  # bytes per step
-    r2 = (sxy * sxy) / (sxx * syy) if syy > 0 else 0.0
-    left = hard_bytes - ys[-1]
+    slope = float(np.median((ys[j] - ys[i])[keep] / dx[keep]))  # bytes per step
+    intercept = float(np.median(ys - slope * xs))
+    fitted = intercept + slope * xs
+    ss_tot = float(((ys - ys.mean()) ** 2).sum())
+    r2 = max(0.0, 1.0 - float(((ys - fitted) ** 2).sum()) / ss_tot) if ss_tot > 0 else 0.0
+    left = hard_bytes - fitted[-1]
     steps = left / slope if slope > 0 else None
-    return LeakTrend(slope * 1000 / MB, max(steps, 0.0) if steps is not None else None, r2)
+    return LeakTrend(slope * 1000 / MB, max(steps, 0.0) if steps is not None else None, r2,
+                     len(samples))
 
 
 def is_leak(trend: LeakTrend | None, min_mb_per_1000: float, min_r2: float = 0.8) -> bool:
@@ -127,6 +152,7 @@ class NvmlBackend:
 
         pynvml.nvmlInit()
         self._nvml = pynvml
+        self.index = index
         ident = visible_device(index)
         self.handle = (pynvml.nvmlDeviceGetHandleByIndex(ident) if isinstance(ident, int)
                        else pynvml.nvmlDeviceGetHandleByUUID(ident))
@@ -142,7 +168,7 @@ class NvmlBackend:
             temp = float(nv.nvmlDeviceGetTemperature(self.handle, nv.NVML_TEMPERATURE_GPU))
         except nv.NVMLError:
             pass
-        return Reading(int(mem.used), int(mem.total), util, temp)
+        return Reading(int(mem.used), int(mem.total), util, temp, _torch_live(self.index))
 
     def process_used(self) -> int | None:
         """This process's VRAM per NVML, where the driver reports it."""
@@ -171,15 +197,29 @@ class TorchCudaBackend:
 
     def read(self) -> Reading:
         free, total = self.torch.cuda.mem_get_info(self.index)
-        return Reading(int(total - free), int(total))
+        return Reading(int(total - free), int(total), live=_torch_live(self.index))
 
     def cleanup(self) -> None:
         _torch_cleanup()
 
 
+def _torch_live(index: int) -> int | None:
+    """Bytes this process's tensors hold on the device (torch's caching allocator keeps
+    more, and other processes use more: neither is a leak here), if torch uses CUDA."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return int(torch.cuda.memory_allocated(index))
+    except Exception:  # noqa: BLE001 - telemetry only: fall back to the device's figure
+        pass
+    return None
+
+
 class HostMemoryBackend:
-    """This process's resident memory against a limit: ``limit_bytes``, else the cgroup
-    memory limit, else physical RAM."""
+    """This process's memory against a limit: ``limit_bytes``, else the cgroup memory
+    limit, else physical RAM. Used is anonymous resident memory (file-backed pages, such as
+    libtorch's code paged in, are the kernel's to drop); the leak trend follows the bytes
+    malloc has handed out and not got back (glibc's mallinfo2), not what it keeps cached."""
 
     name = "host"
 
@@ -187,13 +227,52 @@ class HostMemoryBackend:
         self.process = psutil.Process()
         self.total = limit_bytes or _cgroup_limit() or psutil.virtual_memory().total
         self.device = f"host memory ({self.total / 2**30:.1f} GiB limit)"
+        self._mallinfo = _mallinfo2()
 
     def read(self) -> Reading:
-        return Reading(int(self.process.memory_info().rss), int(self.total),
-                       utilization=None)
+        return Reading(_anon_rss() or int(self.process.memory_info().rss), int(self.total),
+                       utilization=None, live=self._mallinfo() if self._mallinfo else None)
 
     def cleanup(self) -> None:
         gc.collect()
+
+
+def _anon_rss() -> int | None:
+    """RssAnon of /proc/self/status, in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Callable[[], int] | None:
+    """A reader of glibc's in-use heap bytes (arena chunks in use + mmapped chunks), or
+    None where glibc (2.33+) is not the allocator."""
+    try:
+        libc = ctypes.CDLL(None)
+        call = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    call.restype = _MallInfo2
+
+    def live() -> int:
+        info = call()
+        return int(info.uordblks + info.hblkhd)
+    try:
+        live()
+    except OSError:
+        return None
+    return live
 
 
 def _cgroup_limit() -> int | None:
@@ -267,19 +346,27 @@ class Telemetry:
 
 
 class VramGuard:
-    """Call ``step()`` once per batch; it samples every ``sample_every`` steps."""
+    """Call ``step()`` once per batch; it samples every ``sample_every`` steps. The leak
+    trend skips the reading after setup and the first ``warmup_steps`` batches (allocator
+    caches and lazy initialisation grow there, then stop) and is fitted only once it has
+    ``leak_min_samples`` readings."""
 
     def __init__(self, backend: Backend, thresholds: Thresholds, *, sample_every: int = 1,
                  leak_window: int = 50, leak_mb_per_1000_steps: float = 256.0,
                  fail_on_leak_within_steps: float | None = None,
+                 warmup_steps: int = 3, leak_min_samples: int = LEAK_MIN_SAMPLES,
                  log: Any = _log, cleanup: Callable[[], None] | None = None) -> None:
         self.backend, self.thresholds = backend, thresholds
         self.sample_every = max(1, sample_every)
         self.leak_mb = leak_mb_per_1000_steps
         self.fail_on_leak_within = fail_on_leak_within_steps
+        self.warmup_steps = max(0, warmup_steps)
+        self.leak_min_samples = max(3, leak_min_samples)
         self.log = log
         self.cleanup = cleanup or backend.cleanup
-        self.baselines: deque[tuple[int, int]] = deque(maxlen=max(5, leak_window))
+        self.baselines: deque[tuple[int, int, bool]] = deque(
+            maxlen=max(self.leak_min_samples, leak_window))
+        """(step, trend bytes, whether a cleanup ran just before the reading)."""
         self.telemetry = Telemetry()
         self.trend: LeakTrend | None = None
         self._warned_at = -1
@@ -297,34 +384,42 @@ class VramGuard:
         return reading
 
     def observe(self) -> Reading:
-        """Read and record without acting (the baseline before the first batch)."""
+        """Read and record without acting (the reading after setup: telemetry only, never
+        part of the leak trend)."""
         reading = self.backend.read()
         self._record(reading)
         return reading
 
-    def step(self) -> Reading | None:
+    def step(self, steps_left: int | None = None) -> Reading | None:
+        """One batch done; ``steps_left``: batches still to come in this stage, if known
+        (the leak warning projects over them)."""
         t = self.telemetry
         t.steps += 1
         if (t.steps - 1) % self.sample_every:
             return None
         reading = self.backend.read()
+        cleaned = False
         if needs_cleanup(reading, self.thresholds):
             self.cleanup()
             t.cleanups += 1
+            cleaned = True
             before, reading = reading, self.backend.read()
             self.log.info(f"{self.backend.device}: {before.fraction:.0%} used, over the soft "
                           f"threshold of {self.thresholds.soft:.0%}; cleaned up, now "
                           f"{reading.fraction:.0%}")
         self._record(reading)
+        if t.steps > self.warmup_steps:
+            self.baselines.append((t.steps, reading.trend_bytes, cleaned))
         if over_hard(reading, self.thresholds):
             raise GpuMemoryExceeded(
                 f"{self.backend.device}: {reading.used / MB:.0f} MiB of {reading.total / MB:.0f}"
-                f" MiB used ({reading.fraction:.0%}) after cleanup, over the hard threshold of "
-                f"{self.thresholds.hard:.0%} at step {t.steps}. The stage checkpointed; the "
-                "retry starts in a fresh process. If it recurs, lower the batch size, free "
-                "tensors you keep between batches, or raise hard_threshold"
+                f" MiB used ({reading.fraction:.0%}){' after cleanup' if cleaned else ''}, "
+                f"over the hard threshold of {self.thresholds.hard:.0%} at step {t.steps}. "
+                "The stage checkpointed; the retry starts in a fresh process. If it recurs, "
+                "lower the batch size, free tensors you keep between batches, or raise "
+                "hard_threshold"
             )
-        self._check_leak(reading)
+        self._check_leak(reading, steps_left)
         return reading
 
     def _record(self, reading: Reading) -> None:
@@ -335,25 +430,48 @@ class VramGuard:
         if reading.utilization is not None:
             t.utilization_sum += reading.utilization
             t.utilization_n += 1
-        self.baselines.append((t.steps, reading.used))
 
-    def _check_leak(self, reading: Reading) -> None:
-        self.trend = leak_trend(list(self.baselines), self.thresholds.hard * reading.total)
+    def _check_leak(self, reading: Reading, steps_left: int | None) -> None:
+        # the hard threshold in the trend's units (live bytes, where the backend has them)
+        hard = self.thresholds.hard * reading.total - (reading.used - reading.trend_bytes)
+        self.trend = leak_trend([(s, b) for s, b, _ in self.baselines], hard,
+                                self.leak_min_samples)
         if not is_leak(self.trend, self.leak_mb):
             return
         trend = self.trend
         assert trend is not None
-        eta = f"{trend.steps_to_hard:.0f}" if trend.steps_to_hard is not None else "?"
-        message = (f"{self.backend.device}: memory climbs {trend.mb_per_1000_steps:.0f} MB per "
-                   f"1,000 steps after cleanup (r²={trend.r_squared:.2f}); the hard threshold "
-                   f"is about {eta} steps away. Something keeps references between batches")
-        if self.fail_on_leak_within is not None and trend.steps_to_hard is not None and \
-                trend.steps_to_hard <= self.fail_on_leak_within:
+        hits = trend.steps_to_hard is not None and (
+            steps_left is None or trend.steps_to_hard <= steps_left)
+        message = self._leak_message(trend, reading, steps_left, hits)
+        if self.fail_on_leak_within is not None and hits and trend.steps_to_hard is not None \
+                and trend.steps_to_hard <= self.fail_on_leak_within:
             raise GpuMemoryExceeded(message + "; failing before the OOM (fail_on_leak)")
         if self.telemetry.steps - self._warned_at >= len(self.baselines):
             self.telemetry.leak_warnings += 1
             self._warned_at = self.telemetry.steps
             self.log.warning(message)
+
+    def _leak_message(self, trend: LeakTrend, reading: Reading, steps_left: int | None,
+                      hits: bool) -> str:
+        what = "live allocations" if reading.live is not None else "memory in use"
+        after = " after cleanup" if any(c for _, _, c in self.baselines) else ""
+        head = (f"{self.backend.device}: {what} grow {trend.mb_per_step:.2f} MB per batch"
+                f"{after} over the last {trend.samples} sampled batches (r²="
+                f"{trend.r_squared:.2f})")
+        hard = f"the hard threshold ({self.thresholds.hard:.0%})"
+        if steps_left is None:
+            eta = f"{trend.steps_to_hard:.0f}" if trend.steps_to_hard is not None else "?"
+            where = f"; at this rate {hard} is about {eta} batches away"
+        elif hits:
+            where = (f"; the {steps_left} batches left would cross {hard} in about "
+                     f"{trend.steps_to_hard:.0f} batches")
+        else:
+            end = reading.used + trend.mb_per_step * MB * steps_left
+            where = (f"; the {steps_left} batches left would add "
+                     f"{trend.mb_per_step * steps_left:.0f} MB, ending at "
+                     f"{end / reading.total:.0%}, under {hard}")
+        return head + where + (". Something keeps references between batches (outputs kept"
+                               " in a list, a growing cache, tensors that hold their graph)")
 
     def metadata(self) -> dict[str, Any]:
         """Telemetry for the materialization (the UI plots it across partitions)."""

@@ -43,6 +43,7 @@ def materialization_metadata(
     data = manifest.object("data")
     uri = store.uri(manifest.asset, manifest.partition)
     meta: dict[str, Any] = {
+        "dagster/uri": dg.MetadataValue.path(uri),
         "uri": dg.MetadataValue.path(uri),
         "bytes": manifest.size,
         "format": manifest.format,
@@ -54,6 +55,7 @@ def materialization_metadata(
         "content_version": manifest.data_version,
     }
     if manifest.rows is not None:
+        meta["dagster/row_count"] = manifest.rows
         meta["rows"] = manifest.rows
     if manifest.fingerprint:
         meta["fingerprint"] = manifest.fingerprint

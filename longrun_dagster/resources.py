@@ -35,6 +35,11 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
                                    "fitted over.")
     leak_warn_mb_per_1000_steps: float = Field(default=256.0, description="Climb rate of "
                                                "post-cleanup memory reported as a leak.")
+    leak_warmup_steps: int = Field(default=3, description="Batches after setup left out "
+                                   "of the leak trend (allocator caches and lazy "
+                                   "initialisation grow there, then stop).")
+    leak_min_samples: int = Field(default=10, description="Readings after warm-up before "
+                                  "a leak trend is fitted at all.")
     fail_on_leak_within_steps: float | None = Field(
         default=None, description="Fail (retryably) when a leak is projected to hit the "
         "hard threshold within this many steps; unset: only warn.")
@@ -53,7 +58,9 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
             backend, Thresholds(self.soft_threshold, self.hard_threshold),
             sample_every=self.sample_every_steps, leak_window=self.leak_window_steps,
             leak_mb_per_1000_steps=self.leak_warn_mb_per_1000_steps,
-            fail_on_leak_within_steps=self.fail_on_leak_within_steps, **kwargs,
+            fail_on_leak_within_steps=self.fail_on_leak_within_steps,
+            warmup_steps=self.leak_warmup_steps, leak_min_samples=self.leak_min_samples,
+            **kwargs,
         )
 
     def on_prepare(self, run: StageRun) -> None:
@@ -69,7 +76,7 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def on_batch(self, run: StageRun) -> None:
         assert self._guard is not None, "on_start was not called"
-        self._guard.step()
+        self._guard.step(run.progress.batches_total - run.progress.batches_done)
 
     def on_end(self, run: StageRun) -> dict[str, Any]:
         return self._guard.metadata() if self._guard is not None else {}
@@ -114,7 +121,8 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
 
         def publish(at: float, counters: dict[str, Any]) -> None:
             done = counters.get("batches_done", run.progress.batches_done)
-            self._tag({HEARTBEAT_TAG: Beat(at, done, total, process, self._ended).encode()})
+            self._tag({HEARTBEAT_TAG: Beat(at, done, total, process, self._ended).encode()},
+                      {tags.PROGRESS: f"{run.name}: {run.progress.summary(self._ended)}"})
 
         def stalled(stacks: str, silent_for: float) -> None:
             run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
@@ -128,6 +136,8 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                           "run's now, and this one must not hold the device)")
             self._tag({tags.SUPERSEDED: reason})
 
+        # what a re-execution inherited from its parent is not this run's progress
+        self._tag({}, {tags.PROGRESS: f"{run.name}: starting"})
         self._dog = Watchdog(publish, interval=self.interval_seconds,
                              stall_timeout=self.stall_timeout_seconds,
                              enforce=self.watchdog, on_stall=stalled,
@@ -169,7 +179,10 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
             self._dog.publish_now()
         return {"heartbeats_published": self._dog.published}
 
-    def _tag(self, values: dict[str, str]) -> None:
+    def _tag(self, values: dict[str, str], plain: dict[str, str] | None = None) -> None:
+        """``values`` marked as this run's own (the sensor reads them), ``plain`` as they
+        are (for people)."""
         if self._instance is not None and self._run_id is not None:
             owned = {k: tags.mark(self._run_id, v) for k, v in values.items()}
-            self._instance.add_run_tags(self._run_id, {**owned, RUN_ID_TAG: self._run_id})
+            self._instance.add_run_tags(self._run_id, {**owned, **(plain or {}),
+                                                       RUN_ID_TAG: self._run_id})

@@ -14,6 +14,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
+import pandera.pandas as pa
 
 from longrun_dagster import fingerprint, tags
 from longrun_dagster.attempt import PartitionAttempt, Reused
@@ -202,7 +203,8 @@ def model_stage(
             description=description or (fn.__doc__ or "").strip() or None,
             tags={STAGE_TAG: "true", **(tags or {})}, op_tags=dict(op_tags or {}),
             metadata={"longrun/batch_size": batch_size,
-                      "longrun/max_bad_fraction": max_bad_fraction},
+                      "longrun/max_bad_fraction": max_bad_fraction,
+                      "dagster/column_schema": column_schema(checked_schema)},
             check_specs=[dg.AssetCheckSpec(
                 CHECK_NAME, asset=key, blocking=True,
                 description=f"at most {max_bad_fraction:.1%} of output rows fail the schema",
@@ -479,15 +481,45 @@ def _stage_metadata(outcome: Outcome, wall: float) -> dict[str, Any]:
 def _dagster_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in meta.items():
-        out[k] = dg.MetadataValue.json(v) if isinstance(v, list | dict) else v
+        if k == "failure_sample":
+            out[k] = failure_table(v)
+        else:
+            out[k] = dg.MetadataValue.json(v) if isinstance(v, list | dict) else v
     return out
+
+
+def column_schema(schema: pa.DataFrameSchema) -> dg.TableSchema:
+    """The pandera schema as Dagster's column schema (the UI's Columns tab): each column's
+    dtype, nullability, uniqueness, description and checks."""
+    columns = []
+    for name, column in schema.columns.items():
+        checks = [str(check.error or check.name) for check in column.checks]
+        columns.append(dg.TableColumn(
+            name=str(name), type=str(column.dtype) if column.dtype is not None else "any",
+            description=column.description or column.title,
+            constraints=dg.TableColumnConstraints(nullable=bool(column.nullable),
+                                                  unique=bool(column.unique), other=checks)))
+    return dg.TableSchema(columns=columns)
+
+
+FAILURE_COLUMNS = dg.TableSchema(columns=[
+    dg.TableColumn("column", "string"), dg.TableColumn("check", "string"),
+    dg.TableColumn("value", "string"), dg.TableColumn("row", "int")])
+
+
+def failure_table(sample: list[dict[str, Any]]) -> dg.TableMetadataValue:
+    """Failure cases as a table the UI renders (values as text: any type can fail)."""
+    return dg.MetadataValue.table(schema=FAILURE_COLUMNS, records=[dg.TableRecord({
+        "column": None if c["column"] is None else str(c["column"]),
+        "check": str(c["check"]), "value": str(c["value"]), "row": c["row"]})
+        for c in sample])
 
 
 def _judge(spec: StageSpec, meta: dict[str, Any], partition: str | None) -> dict[str, Any]:
     """The schema check's metadata; past the bad-row budget, ``_OverBudget`` (the
     partition fails: nothing committed, downstream blocked)."""
     check_meta = {k: meta[k] for k in ("rows_out", "rows_quarantined", "bad_fraction")}
-    check_meta["failure_sample"] = dg.MetadataValue.json(meta["failure_sample"])
+    check_meta["failure_sample"] = failure_table(meta["failure_sample"])
     if meta["bad_fraction"] <= spec.max_bad_fraction:
         return check_meta
     check = dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata=check_meta,
@@ -518,12 +550,13 @@ def _reused(attempt: PartitionAttempt, manifest: Manifest, context: dg.AssetExec
     if not quiet:  # a range run says it once (each log line is an event-log write)
         context.log.info(f"{attempt.describe()} is committed with this fingerprint (run "
                          f"{manifest.run_id}); reusing it, the model is not called")
-    stored = manifest.metadata
-    metadata: dict[str, Any] = {"model_calls": 0, "wall_seconds": 0.0,
-                **{k: stored[k] for k in ("rows_in", "rows_quarantined") if k in stored}}
+    # the committing run's figures again (with reused=True and committed_by_run from the
+    # IO manager): the UI's per-partition plots show the partition, not this run's zeros
+    metadata = _dagster_metadata(manifest.metadata)
     return _Partition(attempt.layout.partition, manifest, True, attempt.fingerprint or "",
                       metadata, {"reused": True,
-                                 "rows_quarantined": stored.get("rows_quarantined", 0)})
+                                 "rows_quarantined": manifest.metadata.get(
+                                     "rows_quarantined", 0)})
 
 
 def _output(value: Any, fingerprint: str, metadata: Mapping[str, Any]) -> dg.Output[Any]:

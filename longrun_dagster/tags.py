@@ -19,6 +19,10 @@ HEARTBEAT = "longrun/heartbeat"
 process doing the work (host, pid, boot id, pid namespace, start time), and ``ended`` once
 the stage step is over (its process may exit while the run goes on with other steps)."""
 HEARTBEAT_ENDED = "ended"
+PROGRESS = "longrun/progress"
+"""For people, in the UI's runs list: the stage, its partition and how far it is, e.g.
+``embeddings[2026-11-01]: 45% 1,234/2,740 rows, ETA 3m`` (written with each heartbeat;
+never read by the library)."""
 STALLED = "longrun/stalled"
 """Time the run's watchdog found it stalled (then it exited the process)."""
 CONTINUATION = "longrun/continuation"

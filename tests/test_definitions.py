@@ -48,3 +48,30 @@ def test_workspace_loads_in_dagster(tmp_path: Path) -> None:
         env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All code locations passed validation" in done.stdout + done.stderr
+
+
+def test_scripts_run_is_quiet_on_a_first_run(tmp_path: Path) -> None:
+    """`./scripts/run` on a fresh DAGSTER_HOME: the pipeline's summary, and neither
+    Dagster's telemetry banner (the instance it creates opts out) nor a leak warning (the
+    first batches' growth is warm-up, not a leak); a dagster.yaml of the user's own is kept."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    home = tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "LONGRUN_BASE_URI": (tmp_path / "lr")
+           .as_uri(), "LONGRUN_VENV": str(Path(sys.executable).parent.parent)}
+    done = subprocess.run([str(root / "scripts" / "run"), "--partitions", "2026-11-01"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "quality        2026-11-01   committed" in out, out
+    assert "Telemetry" not in out and "usage statistics" not in out, out
+    assert "leak" not in out.lower() and "per batch" not in out, out
+    assert "telemetry:\n  enabled: false" in (home / "dagster.yaml").read_text()
+    (home / "dagster.yaml").write_text("run_monitoring:\n  enabled: false\n")  # the user's
+    done = subprocess.run([str(root / "scripts" / "run"), "--help"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (home / "dagster.yaml").read_text() == "run_monitoring:\n  enabled: false\n"

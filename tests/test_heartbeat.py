@@ -1,6 +1,7 @@
 """Watchdog, stalled-run decisions (pure), and fencing leases."""
 
 import os
+import re
 import tempfile
 import threading
 import time
@@ -259,3 +260,41 @@ def test_the_sensor_leaves_a_run_to_dagsters_run_retries() -> None:
     segment = dataclasses.replace(failed, crashed=False, continuation=True)
     assert continuations([segment]) == [segment]
     assert continuations([dataclasses.replace(segment, will_retry=True)]) == []
+
+
+def test_a_running_stage_shows_its_progress_in_a_run_tag() -> None:
+    """Dagster has no progress widget (dagster#3071): the runs list shows the
+    `longrun/progress` tag, refreshed with each heartbeat, and the last one says ended."""
+    import dagster as dg
+
+    from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, model_stage
+    from longrun_dagster.tags import PROGRESS
+    from tests.helpers import pipeline
+
+    seen: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp, dg.DagsterInstance.ephemeral() as instance:
+        def score(batch: Any, stage: Any) -> Any:
+            if stage.batch_index == 10:  # half way: what the runs list shows now
+                time.sleep(0.3)  # a heartbeat interval
+                run = instance.get_run_by_id(stage.run_id)
+                assert run is not None
+                seen.append(run.tags.get(PROGRESS, ""))
+            return pipeline.score_batch(batch, stage)
+
+        stage = model_stage(upstream=pipeline.texts, schema=pipeline.Scored,
+                            partitions_def=pipeline.DAYS, batch_size=10, name="scores",
+                            setup=pipeline.load_model,
+                            hook_resource_keys=["heartbeat"])(score)
+        result = dg.materialize([pipeline.texts, stage], partition_key="2024-01-03",
+                                instance=instance, resources={
+                                    "io_manager": AtomicObjectStoreIOManager(base_uri=tmp),
+                                    "heartbeat": Heartbeat(interval_seconds=0.1,
+                                                           watchdog=False)})
+        assert result.success
+        final = instance.get_run_by_id(result.run_id)
+        assert final is not None
+        last = final.tags[PROGRESS]
+    [during] = seen
+    assert re.fullmatch(r"scores\[2024-01-03\]: (4[05]|50)% (80|90|100)/200 rows, "
+                        r"ETA (\d+s|\d+m)", during), during
+    assert last == "scores[2024-01-03]: 100% 200/200 rows, ended"

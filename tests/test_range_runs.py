@@ -97,7 +97,9 @@ def test_a_range_run_reuses_what_is_committed_and_loads_the_model_once(
     meta = materialized(result)
     assert set(meta) == set(ALL)
     assert meta[ALL[0]]["reused"] is False and meta[ALL[0]]["model_calls"] == 20
-    assert meta[ALL[1]]["reused"] is True and meta[ALL[1]]["model_calls"] == 0
+    assert meta[ALL[1]]["reused"] is True  # with the committing run's figures
+    assert meta[ALL[1]]["model_calls"] == 20 and meta[ALL[1]]["committed_by_run"] == \
+        before[ALL[1]]
     assert meta[ALL[0]]["digest"] != meta[ALL[3]]["digest"], "each partition its own metadata"
     root = Path(io.partition_store().store.uri_of("scores").removeprefix("file://"))
     assert not (root / "_unpartitioned").exists()

@@ -56,7 +56,7 @@ def test_recommit_reuses_without_calling_the_model(io: AtomicObjectStoreIOManage
     assert again.success and pipeline.CALLS == []
     m = meta(again)
     assert m["reused"] is True and m["committed_by_run"] == first.run_id
-    assert m["model_calls"] == 0
+    assert m["model_calls"] == 20  # the figures of the run that computed it, for the plots
 
 
 def test_changing_the_code_version_recomputes(io: AtomicObjectStoreIOManager) -> None:
