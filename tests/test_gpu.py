@@ -236,10 +236,11 @@ def test_growing_allocation_cleans_up_warns_then_fails_and_resumes(tmp_path: Pat
     def leaking_setup(stage: Any) -> Any:
         HOLD.clear()  # a fresh attempt starts clean, as a fresh process would
         gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)  # (glibc keeps freed heap memory resident)
         return pipeline.load_model(stage)
 
     def score_and_leak(batch: pd.DataFrame, stage: Any) -> pd.DataFrame:
-        block = bytearray(6 * MB)
+        block = bytearray(12 * MB)
         block[::4096] = b"\x01" * len(block[::4096])  # touch every page: resident
         HOLD.append(block)
         return pipeline.score_batch(batch, stage)
@@ -249,21 +250,23 @@ def test_growing_allocation_cleans_up_warns_then_fails_and_resumes(tmp_path: Pat
                         checkpoint_every_batches=100, checkpoint_every_seconds=3600,
                         setup=leaking_setup, name="scores", hook_resource_keys=["gpu"],
                         oom_retries=6)(score_and_leak)
-    gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)  # memory earlier tests freed: back to the OS
-    used = HostMemoryBackend().read().used
-    limit = used + 400 * MB
-    guard = GpuGuard(backend="host", host_memory_limit_mb=limit // MB,
-                     soft_threshold=(used + 30 * MB) / limit,
-                     hard_threshold=(used + 80 * MB) / limit, leak_window_steps=10,
-                     leak_warmup_steps=1, leak_min_samples=5)
     io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
     clean = AtomicObjectStoreIOManager(base_uri=(tmp_path / "clean").as_uri())
     day = "2024-01-02"
     pipeline.CALLS.clear()
-    assert dg.materialize([pipeline.texts, pipeline.scores], partition_key=day,
-                          resources={"io_manager": clean}).success
     instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([pipeline.texts, pipeline.scores], partition_key=day,
+                          instance=instance, resources={"io_manager": clean}).success
+    # the baseline after a run like this one (Dagster, torch, the upstream read), with
+    # what earlier tests freed given back to the OS: thresholds are relative to it
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    used = HostMemoryBackend().read().used
+    limit = used + 600 * MB
+    guard = GpuGuard(backend="host", host_memory_limit_mb=limit // MB,
+                     soft_threshold=(used + 60 * MB) / limit,
+                     hard_threshold=(used + 160 * MB) / limit, leak_window_steps=10,
+                     leak_warmup_steps=1, leak_min_samples=5)
     result = dg.materialize([pipeline.texts, stage], partition_key=day, instance=instance,
                             resources={"io_manager": io, "gpu": guard})
     assert result.success
@@ -272,7 +275,7 @@ def test_growing_allocation_cleans_up_warns_then_fails_and_resumes(tmp_path: Pat
     assert "host memory" in logs  # which backend, and why
     rates = [float(r) for r in re.findall(r"live allocations grow ([0-9.]+) MB per batch "
                                           r"after cleanup", logs)]  # the leak warning
-    assert rates and 5.0 < statistics.median(rates) < 7.5, logs
+    assert rates and 10.0 < statistics.median(rates) < 15.0, logs
     assert "over the hard threshold" in logs
     assert "over the soft threshold" in logs and "cleaned up" in logs
     restarts = [e for e in result.all_events if e.event_type_value == "STEP_RESTARTED"]
