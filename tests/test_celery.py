@@ -179,6 +179,18 @@ def _stage_in_progress(runs: list[dg.DagsterRun]) -> dg.DagsterRun | None:
     return runs[0] if beat is not None and beat.done > 0 else None
 
 
+def _stage_running(d: CeleryDeployment, cluster: Cluster, tmp_path: Path
+                   ) -> tuple[str, str, dg.DagsterRun, str]:
+    """A fresh day launched, its clean digest, its run once the stage makes progress, and
+    the worker the stage runs on."""
+    day = next(_days)
+    commit_upstream(cluster, day)
+    clean = clean_digest(tmp_path, day)
+    d.launch(day)
+    first = d.wait(_stage_in_progress, 240, "the stage to make progress")
+    return day, clean, first, worker_named(cluster, d.step_span(first.run_id).worker)
+
+
 def _recovered(d: CeleryDeployment, first: dg.DagsterRun, day: str) -> dg.DagsterRun:
     """A later run commits the partition; then every run ends (none left STARTED or
     CANCELING)."""
@@ -215,12 +227,7 @@ def test_c_worker_killed_mid_stage_is_recovered_on_the_other_node(
     on the daemon's host is healthy and cannot tell; the stalled-run sensor must end the
     run and get the partition committed by a later run, once, byte-identical."""
     d = deploy(run_retries=run_retries, gpu_pool_limit=1)
-    day = next(_days)
-    commit_upstream(cluster, day)
-    clean = clean_digest(tmp_path, day)
-    d.launch(day)
-    first = d.wait(_stage_in_progress, 240, "the stage to make progress")
-    lost = worker_named(cluster, d.step_span(first.run_id).worker)
+    day, clean, first, lost = _stage_running(d, cluster, tmp_path)
     cluster.lose(lost, signal.SIGKILL)
     done = _recovered(d, first, day)
     assert d.step_span(done.run_id).worker != cluster.node(lost)
@@ -236,12 +243,7 @@ def test_d_frozen_worker_is_recovered_and_its_zombie_ends_itself(
     """SIGSTOP of the whole worker (a frozen node) mid-stage, SIGCONT once the partition was
     committed elsewhere: the woken stage process must exit by itself and commit nothing."""
     d = deploy(gpu_pool_limit=1)
-    day = next(_days)
-    commit_upstream(cluster, day)
-    clean = clean_digest(tmp_path, day)
-    d.launch(day)
-    first = d.wait(_stage_in_progress, 240, "the stage to make progress")
-    frozen = worker_named(cluster, d.step_span(first.run_id).worker)
+    day, clean, first, frozen = _stage_running(d, cluster, tmp_path)
     beat = heartbeat(first)
     assert beat is not None and beat.process is not None
     pid = beat.process.pid
