@@ -140,13 +140,7 @@ class Cadence:
     progress_every_seconds: float = 30.0
     sigterm_grace_seconds: float = 20.0
     time_budget_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.every_batches < 1 or self.every_seconds <= 0:
-            raise ConfigError(
-                f"checkpoint cadence must be positive (every_batches={self.every_batches}, "
-                f"every_seconds={self.every_seconds}); use e.g. every_batches=10"
-            )
+    """(Checked with the stage's other options: ``options.StageOptions``.)"""
 
 
 @dataclass(frozen=True)
@@ -183,8 +177,6 @@ class BatchLoop:
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
                  pipelined: bool = True, still_holds: Callable[[], bool] | None = None
                  ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"{name}: batch_size must be at least 1, got {batch_size}")
         self.fn, self.frame, self.batch_size = fn, frame.reset_index(drop=True), batch_size
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log

@@ -7,15 +7,17 @@
     │   │   └── PartitionNotCommitted              no verified manifest for a partition
     │   ├── CommitConflict                         another writer committed first
     │   │   └── LeaseLost                          a newer attempt claimed the partition
-    │   ├── CorruptObject                          size or SHA-256 differs from the manifest
+    │   ├── CorruptObject                          size or digest differs from the manifest
     │   └── NewerFormat                            written by a newer longrun-dagster
     ├── UnsupportedOutput            (TypeError)   an object no format can store without pickle
     ├── ValidationFailed                           a stage's output is over its bad-row budget
-    ├── CheckpointError                            no usable checkpoint / bad checkpoint state
+    │                                              (raised as a dagster.Failure subclass)
     ├── Preempted                                  SIGTERM: checkpointed and stopped
     ├── SegmentEnded                               time budget spent: checkpointed, resumable
-    ├── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
-    └── RunStalled                                 no progress within the stall timeout
+    └── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
+
+A stalled run raises nothing: its watchdog exits the process and the stalled-run sensor
+ends and relaunches the run (its failure says why).
 
 Backend exceptions (``OSError``, ``botocore`` errors) are translated at one seam in each
 storage backend: ``raise CommitConflict(...) from exc``.
@@ -96,10 +98,6 @@ class ValidationFailed(LongrunError):
         self.failure_cases = failure_cases
 
 
-class CheckpointError(LongrunError):
-    """A checkpoint could not be written or no usable checkpoint state exists."""
-
-
 class Preempted(LongrunError):
     """SIGTERM (eviction, spot notice, shutdown) arrived; completed batches are checkpointed
     and the next attempt resumes after them."""
@@ -130,7 +128,3 @@ class NewerFormat(StorageError):
 
 class GpuMemoryExceeded(LongrunError):
     """Device memory is over the hard threshold after cleanup; retry in a fresh process."""
-
-
-class RunStalled(LongrunError):
-    """A run made no progress within its stall timeout."""

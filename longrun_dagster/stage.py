@@ -34,6 +34,7 @@ from longrun_dagster.io_manager import (
     CommittedPartition,
     materialization_metadata,
 )
+from longrun_dagster.options import StageOptions
 from longrun_dagster.validation import Schema, as_schema, failure_sample
 
 CHECK_NAME = "schema_valid_rows"
@@ -119,30 +120,37 @@ def model_stage(
     schema: Schema,
     partitions_def: dg.PartitionsDefinition | None = None,
     partition_mapping: dg.PartitionMapping | None = None,
+    setup: SetupFn | None = None,
+    name: str | None = None,
+    retry_policy: dg.RetryPolicy | None = None,
+    backfill_policy: dg.BackfillPolicy | None = None,
+    automation_condition: dg.AutomationCondition[Any] | None = None,
+    # StageOptions (longrun_dagster.options), in its order and with its defaults; a test
+    # keeps the two equal
     batch_size: int = 256,
     checkpoint_every_batches: int = 10,
     checkpoint_every_seconds: float = 300.0,
     max_bad_fraction: float = 0.0,
     one_row_per_input: bool = True,
-    need_vram_mb: int | None = None,
-    oom_retries: int = 2,
     code_version: str = "1",
     config: Mapping[str, Any] | None = None,
-    setup: SetupFn | None = None,
-    name: str | None = None,
-    key_prefix: Sequence[str] | str | None = None,
-    group_name: str | None = None,
-    description: str | None = None,
-    pool: str | None = None,
-    required_resource_keys: Iterable[str] = (),
     hook_resource_keys: Iterable[str] = (),
-    io_manager_key: str = "io_manager",
+    need_vram_mb: int | None = None,
+    oom_retries: int = 2,
     sigterm_grace_seconds: float = 20.0,
     time_budget_seconds: float | None = None,
     progress_every_seconds: float = 30.0,
-    retry_policy: dg.RetryPolicy | None = None,
-    backfill_policy: dg.BackfillPolicy | None = None,
+    max_partitions_per_run: int | None = None,
+    pool: str | None = None,
+    io_manager_key: str = "io_manager",
+    required_resource_keys: Iterable[str] = (),
+    key_prefix: Sequence[str] | str | None = None,
+    group_name: str | None = None,
+    description: str | None = None,
+    owners: Sequence[str] = (),
+    kinds: Iterable[str] = (),
     tags: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
     op_tags: Mapping[str, Any] | None = None,
 ) -> Callable[[ModelFn], dg.AssetsDefinition]:
     """Decorate ``fn(batch, stage) -> DataFrame`` to make a crash-proof, validated asset.
@@ -162,31 +170,75 @@ def model_stage(
     batch; a ``GpuMemoryExceeded`` from them checkpoints and asks Dagster for a retry (up
     to ``oom_retries``; a fresh process under the default multiprocess executor).
     ``need_vram_mb`` is checked by the guard before the first batch.
-    With ``backfill_policy=dg.BackfillPolicy.single_run()`` (or ``multi_run(n)``) a
-    backfill runs a range of partitions in one run: each partition is still its own
-    attempt (reuse check, checkpoints, claim, validation, budget, commit, and its own
-    materialization), and ``setup`` loads the model once, only if one of them computes.
+    With ``backfill_policy=dg.BackfillPolicy.single_run()`` (or ``multi_run(n)``, or
+    ``max_partitions_per_run``) a backfill runs a range of partitions in one run: each
+    partition is still its own attempt (reuse check, checkpoints, claim, validation,
+    budget, commit, and its own materialization), and ``setup`` loads the model once, only
+    if one of them computes.
+
+    Every option after ``automation_condition`` is a ``StageOptions`` field (the README's
+    options table), checked here: a wrong one raises ``ConfigError`` naming it, its value
+    and the fix, where the stage is declared.
     """
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ConfigError(f"max_bad_fraction must be within 0..1, got {max_bad_fraction}; "
-                          "0.01 allows 1% invalid rows")
-    cadence = Cadence(checkpoint_every_batches, checkpoint_every_seconds,
-                      progress_every_seconds, sigterm_grace_seconds, time_budget_seconds)
-    up_key = _asset_key(upstream)
-    checked_schema = as_schema(schema)
+    given = locals()
+    where = f"model_stage {name!r}" if name else "model_stage"
+
+    def problem(option: str, value: Any, fix: str) -> ConfigError:
+        return ConfigError(f"{where}: {option} = {value!r} is wrong: {fix}")
+
+    options = StageOptions.checked(  # None: the option's default
+        {k: _plain(given[k]) for k in StageOptions.model_fields if given[k] is not None},
+        problem)
+    if backfill_policy is not None and options.max_partitions_per_run is not None:
+        raise problem("max_partitions_per_run", options.max_partitions_per_run,
+                      "give it or backfill_policy, not both")
+    checked_schema = _checked_schema(schema, where)
+    return _decorator(options, upstream=_asset_key(upstream), schema=checked_schema,
+                      partitions_def=partitions_def, partition_mapping=partition_mapping,
+                      setup=setup, name=name, retry_policy=retry_policy,
+                      backfill_policy=backfill_policy or options.backfill_policy(),
+                      automation_condition=automation_condition)
+
+
+def _plain(value: Any) -> Any:
+    """Argument types users pass (tuples, sets, mappings) as StageOptions takes them."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return list(value)
+    return value
+
+
+def _checked_schema(schema: Any, where: str) -> Any:
+    try:
+        return as_schema(schema)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
+               partitions_def: dg.PartitionsDefinition | None,
+               partition_mapping: dg.PartitionMapping | None, setup: SetupFn | None,
+               name: str | None, retry_policy: dg.RetryPolicy | None,
+               backfill_policy: dg.BackfillPolicy | None,
+               automation_condition: dg.AutomationCondition[Any] | None
+               ) -> Callable[[ModelFn], dg.AssetsDefinition]:
+    o = options
+    cadence = Cadence(o.checkpoint_every_batches, o.checkpoint_every_seconds,
+                      o.progress_every_seconds, o.sigterm_grace_seconds,
+                      o.time_budget_seconds)
 
     def decorate(fn: ModelFn) -> dg.AssetsDefinition:
         asset_name = name or fn.__name__
-        prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
-        key = dg.AssetKey([*prefix, asset_name])
+        key = dg.AssetKey([*o.key_prefix, asset_name])
         spec = StageSpec.build(
-            name=asset_name, key=key, upstream=up_key, schema=checked_schema,
-            batch_size=batch_size, cadence=cadence, max_bad_fraction=max_bad_fraction,
-            code_version=code_version, config=dict(config or {}), setup=setup,
-            io_manager_key=io_manager_key, hook_resource_keys=list(hook_resource_keys),
-            one_row_per_input=one_row_per_input,
-            need_vram_bytes=need_vram_mb * 2**20 if need_vram_mb else None,
-            oom_retries=oom_retries,
+            name=asset_name, key=key, upstream=upstream, schema=schema,
+            batch_size=o.batch_size, cadence=cadence, max_bad_fraction=o.max_bad_fraction,
+            code_version=o.code_version, config=dict(o.config), setup=setup,
+            io_manager_key=o.io_manager_key, hook_resource_keys=list(o.hook_resource_keys),
+            one_row_per_input=o.one_row_per_input,
+            need_vram_bytes=o.need_vram_mb * 2**20 if o.need_vram_mb else None,
+            oom_retries=o.oom_retries,
         )
 
         def compute(context: dg.AssetExecutionContext) -> Generator[Any, None, None]:
@@ -194,20 +246,22 @@ def model_stage(
 
         compute.__name__ = asset_name
         return dg.asset(
-            name=asset_name, key_prefix=prefix or None, partitions_def=partitions_def,
-            deps=[dg.AssetDep(up_key, partition_mapping=partition_mapping)],
-            required_resource_keys={io_manager_key, *required_resource_keys,
-                                    *hook_resource_keys},
-            io_manager_key=io_manager_key, code_version=code_version, pool=pool,
-            group_name=group_name, retry_policy=retry_policy, backfill_policy=backfill_policy,
-            description=description or (fn.__doc__ or "").strip() or None,
-            tags={STAGE_TAG: "true", **(tags or {})}, op_tags=dict(op_tags or {}),
-            metadata={"longrun/batch_size": batch_size,
-                      "longrun/max_bad_fraction": max_bad_fraction,
-                      "dagster/column_schema": column_schema(checked_schema)},
+            name=asset_name, key_prefix=o.key_prefix or None, partitions_def=partitions_def,
+            deps=[dg.AssetDep(upstream, partition_mapping=partition_mapping)],
+            required_resource_keys={o.io_manager_key, *o.required_resource_keys,
+                                    *o.hook_resource_keys},
+            io_manager_key=o.io_manager_key, code_version=o.code_version, pool=o.pool,
+            group_name=o.group_name, retry_policy=retry_policy, backfill_policy=backfill_policy,
+            automation_condition=automation_condition, owners=o.owners or None,
+            kinds=set(o.kinds) or None,
+            description=o.description or (fn.__doc__ or "").strip() or None,
+            tags={STAGE_TAG: "true", **o.tags}, op_tags=dict(o.op_tags),
+            metadata={**o.metadata, "longrun/batch_size": o.batch_size,
+                      "longrun/max_bad_fraction": o.max_bad_fraction,
+                      "dagster/column_schema": column_schema(schema)},
             check_specs=[dg.AssetCheckSpec(
                 CHECK_NAME, asset=key, blocking=True,
-                description=f"at most {max_bad_fraction:.1%} of output rows fail the schema",
+                description=f"at most {o.max_bad_fraction:.1%} of output rows fail the schema",
             )],
         )(compute)
 
@@ -242,11 +296,24 @@ class _Partition:
     """The schema check's metadata."""
 
 
+class StageValidationFailed(ValidationFailed, dg.Failure):
+    """A partition over its bad-row budget: a ``dg.Failure`` to Dagster (its metadata shows
+    in the UI, downstream does not run) and a ``ValidationFailed`` to whoever catches it
+    (``dg.materialize`` raises it as it is)."""
+
+    def __init__(self, message: str, *, metadata: Mapping[str, Any], asset: str,
+                 partition: str | None, rows_checked: int, rows_invalid: int,
+                 failure_cases: list[dict[str, Any]]) -> None:
+        # ValidationFailed's super().__init__ is Failure's (description=message)
+        super().__init__(message, asset=asset, partition=partition, rows_checked=rows_checked,
+                         rows_invalid=rows_invalid, failure_cases=failure_cases)
+        self.metadata = dg.Failure(message, metadata=dict(metadata)).metadata
+
+
 class _OverBudget(Exception):  # noqa: N818 - internal signal, never escapes _execute
-    def __init__(self, check: dg.AssetCheckResult, failure: dg.Failure,
-                 error: ValidationFailed) -> None:
-        super().__init__(str(error))
-        self.check, self.failure, self.error = check, failure, error
+    def __init__(self, check: dg.AssetCheckResult, failure: StageValidationFailed) -> None:
+        super().__init__(str(failure))
+        self.check, self.failure = check, failure
 
 
 class _ModelOnce:
@@ -277,7 +344,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
         except _OverBudget as over:
             yield from _report_committed(spec, partitions, done, len(keys))
             yield over.check
-            raise over.failure from over.error
+            raise over.failure from None
         except BaseException:
             yield from _report_committed(spec, partitions, done, len(keys))
             raise
@@ -538,11 +605,10 @@ def _judge(spec: StageSpec, meta: dict[str, Any], partition: str | None) -> dict
         "without calling the model again, or fix the model and change code_version (or its "
         "config), which recomputes the partition"
     )
-    error = ValidationFailed(message, asset=spec.key.to_user_string(), partition=partition,
-                             rows_checked=checked, rows_invalid=meta["rows_quarantined"],
-                             failure_cases=meta["failure_sample"])
-    failure = dg.Failure(description=message, metadata=_dagster_metadata(meta))
-    raise _OverBudget(check, failure, error)
+    raise _OverBudget(check, StageValidationFailed(
+        message, metadata=_dagster_metadata(meta), asset=spec.key.to_user_string(),
+        partition=partition, rows_checked=checked, rows_invalid=meta["rows_quarantined"],
+        failure_cases=meta["failure_sample"]))
 
 
 def _reused(attempt: PartitionAttempt, manifest: Manifest, context: dg.AssetExecutionContext,

@@ -15,6 +15,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.api.dataframe.model import DataFrameModel
 
+from longrun_dagster.errors import ConfigError
+
 Schema = pa.DataFrameSchema | type[DataFrameModel[Any, Any]]
 QUARANTINE_COLUMNS = ["row", "failures"]
 
@@ -53,9 +55,10 @@ def as_schema(schema: Schema) -> pa.DataFrameSchema:
     if isinstance(schema, type) and issubclass(schema, DataFrameModel):
         converted: pa.DataFrameSchema = schema.to_schema()
         return converted
-    raise TypeError(
-        f"schema must be a pandera DataFrameSchema or DataFrameModel subclass, got "
-        f"{schema!r}; import pandera.pandas as pa and declare one"
+    raise ConfigError(
+        f"schema = {schema!r} is wrong: it must be a pandera DataFrameSchema or a "
+        "DataFrameModel subclass (the class, not an instance); import pandera.pandas as pa "
+        "and declare one"
     )
 
 

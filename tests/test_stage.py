@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from longrun_dagster import AtomicObjectStoreIOManager
+from longrun_dagster import AtomicObjectStoreIOManager, LongrunError, ValidationFailed
 from longrun_dagster import tags as T
 from longrun_dagster.commit import PartitionStore
 from tests.helpers import pipeline
@@ -113,6 +113,24 @@ def test_over_budget_fails_clearly_commits_nothing_and_blocks_downstream(
     assert -1 not in pipeline.CALLS, "downstream ran on bad data"
     [check] = result.get_asset_check_evaluations()
     assert not check.passed
+
+
+def test_over_budget_raises_a_catchable_validation_failed(
+    io: AtomicObjectStoreIOManager,
+) -> None:
+    """``dg.materialize`` raises the stage's failure as it is: a caller catches
+    ``ValidationFailed`` with its figures, and it is a ``dg.Failure`` (its metadata in the
+    run's failure event)."""
+    pipeline.MISBEHAVE["wrong_dtype"] = {0, 1, 2}
+    with pytest.raises(ValidationFailed) as raised:
+        dg.materialize([texts, scores], partition_key=DAY, resources={"io_manager": io})
+    failed = raised.value
+    assert isinstance(failed, dg.Failure) and isinstance(failed, LongrunError)
+    assert (failed.asset, failed.partition, failed.rows_checked, failed.rows_invalid) == (
+        "scores", DAY, 200, 30)
+    assert failed.failure_cases and failed.failure_cases[0]["column"] == "score"
+    assert failed.metadata["rows_quarantined"].value == 30
+    assert "raise max_bad_fraction" in str(failed)
 
 
 def test_a_finished_checkpoint_does_not_load_the_model_again(

@@ -7,6 +7,7 @@ import pandas as pd
 import pandera.pandas as pa
 import pytest
 
+from longrun_dagster.errors import ConfigError
 from longrun_dagster.validation import (
     as_schema,
     empty_frame,
@@ -58,7 +59,8 @@ def test_frame_wide_failure_quarantines_every_row(damage: str) -> None:
 def test_model_class_and_schema_object_are_both_accepted() -> None:
     schema = pa.DataFrameSchema({"x": pa.Column(int)})
     assert as_schema(schema) is schema
-    with pytest.raises(TypeError, match="DataFrameSchema or DataFrameModel"):
+    with pytest.raises(ConfigError, match=r"schema = \{'x': <class 'int'>\} is wrong: it must "
+                       "be a pandera DataFrameSchema or a DataFrameModel subclass"):
         as_schema({"x": int})  # type: ignore[arg-type]
 
 
