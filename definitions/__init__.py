@@ -1,12 +1,15 @@
 """The example code location (``dagster dev -w workspace.yaml``; headless: ``./scripts/run``).
 
-Configuration comes from the environment, with the embedded defaults when unset:
+Nothing a run uses is read from the environment when this module is imported: it is
+resolved in the process that executes the run, on whichever host that is.
 
 - ``LONGRUN_BASE_URI``: ``file:///...`` or ``s3://bucket/prefix`` (default: under
-  ``$DAGSTER_HOME``); for S3 also ``LONGRUN_S3_ENDPOINT`` (MinIO, a test endpoint) and the
-  usual ``AWS_*`` variables, read by dagster-aws's ``S3Resource``.
-- ``LONGRUN_VRAM_SOFT`` / ``LONGRUN_VRAM_HARD``: GPU guard thresholds (0.85 / 0.95).
-- ``LONGRUN_STALL_TIMEOUT``: seconds without progress before a run counts as stalled (900).
+  ``$DAGSTER_HOME``), read by the IO manager when the run starts; for S3, boto3's own
+  ``AWS_ENDPOINT_URL_S3`` (MinIO, a test endpoint) and ``AWS_*`` credentials.
+- GPU guard thresholds and other resource settings: run config (the launchpad's
+  ``resources: gpu: config: soft_threshold: 0.8``), defaults 0.85 / 0.95.
+- ``LONGRUN_STALL_TIMEOUT``: seconds without progress before a run counts as stalled (900);
+  a setting of the sensor, which runs in this code location, so it is read here.
 """
 
 import os
@@ -34,13 +37,10 @@ defs = dg.Definitions.merge(dg.Definitions(
     schedules=[dg.build_schedule_from_partitioned_job(annotation_job, hour_of_day=1)],
     sensors=[stalled_run_sensor(stall_timeout_seconds=STALL_TIMEOUT, retry_budget=3)],
     resources={
-        "io_manager": AtomicObjectStoreIOManager(
-            base_uri=os.environ.get("LONGRUN_BASE_URI") or None,
-            s3=S3Resource(endpoint_url=os.environ.get("LONGRUN_S3_ENDPOINT") or None)
-            if (os.environ.get("LONGRUN_BASE_URI") or "").startswith("s3://") else None,
-        ),
-        "gpu": GpuGuard(soft_threshold=float(os.environ.get("LONGRUN_VRAM_SOFT", "0.85")),
-                        hard_threshold=float(os.environ.get("LONGRUN_VRAM_HARD", "0.95"))),
+        # base_uri unset: $LONGRUN_BASE_URI where the run executes; the S3 client is made
+        # only for an s3:// URI
+        "io_manager": AtomicObjectStoreIOManager(s3=S3Resource()),
+        "gpu": GpuGuard(),
         "heartbeat": Heartbeat(stall_timeout_seconds=STALL_TIMEOUT),
     },
     # the stages declared by configuration: definitions/stages/*/defs.yaml (the quality

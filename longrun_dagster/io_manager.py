@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
 from longrun_dagster.attempt import Reused
@@ -16,6 +15,11 @@ from longrun_dagster.errors import ConfigError, PartitionNotCommitted
 from longrun_dagster.storage import open_store
 
 BASE_URI_ENV = "LONGRUN_BASE_URI"
+
+try:  # the s3 extra; without it the IO manager has no s3 field and stores locally
+    from dagster_aws.s3 import S3Resource
+except ImportError:  # pragma: no cover - tested in a subprocess that blocks the import
+    S3Resource = None  # type: ignore[misc, assignment]
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,14 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
             "else ./.longrun/storage."
         ),
     )
-    s3: S3Resource | None = Field(
-        default=None,
-        description=(
-            "dagster-aws S3Resource for s3:// URIs (endpoint, region, credentials, retries)."
-            " Unset: boto3's defaults from the environment."
-        ),
-    )
+    if S3Resource is not None:
+        s3: S3Resource | None = Field(
+            default=None,
+            description=(
+                "dagster-aws S3Resource for s3:// URIs (endpoint, region, credentials, "
+                "retries). Unset: boto3's defaults from the environment."
+            ),
+        )
     gc_grace_seconds: float = Field(
         default=3600.0,
         description=(
@@ -102,7 +107,8 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
 
     def _build(self) -> PartitionStore:
         uri = self.base_uri or default_base_uri()
-        client = self.s3.get_client() if self.s3 is not None and uri.startswith("s3:") else None
+        s3 = getattr(self, "s3", None)
+        client = s3.get_client() if s3 is not None and uri.startswith("s3:") else None
         return PartitionStore(open_store(uri, s3_client=client),
                               gc_grace_seconds=self.gc_grace_seconds)
 

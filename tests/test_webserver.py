@@ -122,7 +122,7 @@ def deployment(postgres_server: Any, s3_endpoint: str,
     bucket = f"ui-{uuid.uuid4().hex[:12]}"
     s3(s3_endpoint).create_bucket(Bucket=bucket)
     env = {"DAGSTER_PG_URL": new_database(postgres_server),
-           "LONGRUN_BASE_URI": f"s3://{bucket}/prefix", "LONGRUN_S3_ENDPOINT": s3_endpoint,
+           "LONGRUN_BASE_URI": f"s3://{bucket}/prefix", "AWS_ENDPOINT_URL_S3": s3_endpoint,
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "LONGRUN_EXAMPLE_ROWS": str(ROWS),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
