@@ -100,7 +100,7 @@ def load_minilm(stage: StageContext) -> object:
 @model_stage(upstream=normalized, schema=Embedded, partitions_def=DAYS, batch_size=64,
              checkpoint_every_batches=2, checkpoint_every_seconds=120, code_version="minilm-1",
              setup=load_minilm, hook_resource_keys=HOOKS, pool="gpu", group_name="annotation",
-             need_vram_mb=None)
+             need_vram_mb=None, kinds=["pytorch"])
 def embeddings(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     """all-MiniLM-L6-v2 sentence embeddings (384 floats per record)."""
     vectors = stage.state.encode(list(batch.text), batch_size=len(batch),  # type: ignore[attr-defined]
