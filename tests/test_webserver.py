@@ -9,11 +9,14 @@ One deployment and one first backfill serve the whole module: the MiniLM runs ar
 expensive part.
 """
 
+import functools
 import json
 import os
+import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ import pytest
 from dagster_aws.s3 import S3Resource
 
 from longrun_dagster import AtomicObjectStoreIOManager
+from longrun_dagster import tags as T
+from longrun_dagster.recovery import Beat
 from tests.conftest import free_port
 from tests.helpers.services import Services
 
@@ -30,14 +35,14 @@ LINEAGE = {"records": [], "normalized": ["records"], "embeddings": ["normalized"
            "quality": ["embeddings"], "daily_summary": ["quality"]}
 STAGES = ["normalized", "embeddings", "quality"]  # model stages; the rest plain assets
 ROWS = 64
-BACKFILL_TIMEOUT = 480.0  # 56-99 s alone; several times that on a loaded 2-core box
+BACKFILL_TIMEOUT = 900.0  # 56-99 s alone; 8+ min beside the Celery soak on 2 cores
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = os.environ.get("LONGRUN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 pytestmark = [pytest.mark.daemon, pytest.mark.postgres, pytest.mark.s3,
-              pytest.mark.timeout(720)]
+              pytest.mark.timeout(1500)]
 
 METADATA = """fragment Metadata on MaterializationEvent { metadataEntries { label __typename
   ... on BoolMetadataEntry { boolValue } ... on IntMetadataEntry { intValue }
@@ -198,15 +203,9 @@ def backfill(services: Services, run_config: dict[str, Any] | None = None) -> di
         "launchPartitionBackfill"]
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
     backfill_id = launched["backfillId"]
-
-    def finished() -> dict[str, Any] | None:
-        got: dict[str, Any] = services.graphql(BACKFILL, {"id": backfill_id})[
-            "partitionBackfillOrError"]
-        assert got["__typename"] == "PartitionBackfill", got
-        return got if got["status"] in FINISHED else None
-
     result: dict[str, Any] = services.wait_until(
-        finished, BACKFILL_TIMEOUT, f"backfill {backfill_id} to finish", every=2.0)
+        functools.partial(backfill_finished, services, backfill_id), BACKFILL_TIMEOUT,
+        f"backfill {backfill_id} to finish", every=2.0)
     result["elapsed"] = time.monotonic() - started
     runs = result["runs"]
     if result["status"] != "COMPLETED_SUCCESS" or not runs or any(
@@ -311,9 +310,10 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def test_ui_shows_the_stages_and_their_metadata(
-    chromium: str, deployment: Services, first_backfill: dict[str, Any]
-) -> None:
+@contextmanager
+def browser(chromium: str, failure: str) -> Iterator[tuple[Any, Callable[..., None]]]:
+    """A headless Chromium page on the webserver, and ``visible(text, exact=False)``; a
+    failure saves ``failure`` (a screenshot) and says what the page showed."""
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -329,23 +329,40 @@ def test_ui_shows_the_stages_and_their_metadata(
             expect(page.get_by_text(text, exact=exact).first).to_be_visible(timeout=60_000)
 
         try:
-            page.goto(f"{deployment.url}/asset-groups/annotation")
-            for asset in LINEAGE:
-                visible(asset, exact=True)
-            page.screenshot(path=ARTIFACTS / "asset-graph.png")
-
-            page.goto(f"{deployment.url}/assets/quality?view=partitions&partition={DAYS[-1]}")
-            visible(f"Materialized ({len(DAYS)})")  # the status filter's count
-            visible("Materialized", exact=True)  # the selected partition's status
-            for label in ("rows_quarantined", "vram_peak_mb", "committed_by_run"):
-                visible(label, exact=True)  # the partition's materialization metadata
-            page.screenshot(path=ARTIFACTS / "quality-partition.png", full_page=True)
+            yield page, visible
         except Exception as exc:
-            page.screenshot(path=ARTIFACTS / "ui-failure.png", full_page=True)
+            page.screenshot(path=ARTIFACTS / failure, full_page=True)
             raise AssertionError(f"{exc}\npage {page.url} says:\n"
                                  f"{page.inner_text('body')[:3000]}") from exc
         finally:
             browser.close()
+
+
+def test_ui_shows_the_stages_and_their_metadata(
+    chromium: str, deployment: Services, first_backfill: dict[str, Any]
+) -> None:
+    with browser(chromium, "ui-failure.png") as (page, visible):
+        page.goto(f"{deployment.url}/asset-groups/annotation")
+        for asset in LINEAGE:
+            visible(asset, exact=True)
+        page.screenshot(path=ARTIFACTS / "asset-graph.png")
+
+        page.goto(f"{deployment.url}/assets/quality?view=partitions&partition={DAYS[-1]}")
+        visible(f"Materialized ({len(DAYS)})")  # the status filter's count
+        visible("Materialized", exact=True)  # the selected partition's status
+        for label in ("rows_quarantined", "vram_peak_mb", "committed_by_run",
+                      "dagster/row_count"):
+            visible(label, exact=True)  # the partition's materialization metadata
+        page.screenshot(path=ARTIFACTS / "quality-partition.png", full_page=True)
+
+        # the overview's Columns section: the pandera schema's columns, types and checks
+        page.goto(f"{deployment.url}/assets/quality")
+        visible("Columns", exact=True)
+        for text in ("string[pyarrow]", "float64", "unique", "greater_than_or_equal_to(0.0)",
+                     "less_than_or_equal_to(1.0)"):  # Scored's id and quality
+            visible(text, exact=True)
+        visible("PyTorch", exact=True)  # kinds: [pytorch] in its defs.yaml
+        page.screenshot(path=ARTIFACTS / "quality-columns.png", full_page=True)
 
 
 def test_second_backfill_reuses_every_model_stage(
@@ -367,10 +384,104 @@ def test_second_backfill_reuses_every_model_stage(
             assert event["partition"] == day and event["runId"] in runs, event
             assert meta["reused"] is True, (stage, day, meta)  # the computing run's figures:
             assert meta["model_calls"] == metadata(old)["model_calls"] > 0, (stage, day, meta)
+            assert meta["vram_peak_mb"] == metadata(old)["vram_peak_mb"] > 0, (stage, day)
             assert meta["committed_by_run"] == old["runId"], (stage, day, meta)
         assert node["partitionStats"]["numMaterialized"] == len(DAYS)
     print(f"second backfill (model stages reused): {second['elapsed']:.1f}s "
           f"vs first {first_backfill['elapsed']:.1f}s")
+
+
+def test_ui_after_the_reuse_backfill_plots_every_partition(
+    chromium: str, deployment: Services, first_backfill: dict[str, Any]
+) -> None:
+    """The Plots tab draws a stage's figures per partition from each partition's latest
+    materialization: after the reuse backfill that is the reuse, carrying the computing
+    run's figures (no zeros)."""
+    for stage in STAGES:
+        events = latest(deployment, stage)["latestMaterializationByPartition"]
+        values = [metadata(e)["vram_peak_mb"] for e in events]
+        assert all(metadata(e)["reused"] for e in events), (stage, events)
+        assert len(values) == len(DAYS) and all(v > 0 for v in values), (stage, values)
+    with browser(chromium, "ui-plots-failure.png") as (page, visible):
+        page.goto(f"{deployment.url}/assets/embeddings")  # Overview, Metadata, Plots
+        page.get_by_text("Plots", exact=True).first.click()
+        visible("When graphing values by partition", exact=False)  # x axis: partitions
+        for label in ("vram_peak_mb", "rows_quarantined", "model_calls"):
+            visible(label, exact=True)  # one chart per numeric metadata entry
+        page.screenshot(path=ARTIFACTS / "embeddings-plots.png", full_page=True)
+
+
+def test_ui_shows_a_running_stages_progress(
+    chromium: str, deployment: Services, first_backfill: dict[str, Any]
+) -> None:
+    """A stage caught running: its step process is frozen (SIGSTOP) as soon as its
+    heartbeat names it, so the run stays STARTED while the UI is read, then resumed; the
+    run page shows the longrun/progress tag. Days after DAYS, one per try (a try whose
+    stage finished before it was caught goes on to the next day). (The runs list shows
+    the same tag, for runs outside backfills.)"""
+    for day in ["2026-11-03", "2026-11-04", "2026-11-05"]:
+        launched = deployment.graphql(LAUNCH_BACKFILL, {"backfillParams": {
+            "selector": None, "assetSelection": [{"path": [k]} for k in STAGES[:2]]
+            + [{"path": ["records"]}], "partitionNames": [day], "fromFailure": False,
+            "tags": []}})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        caught = catch_a_running_stage(deployment, launched["backfillId"])
+        if caught is None:
+            continue
+        run_id, pid, progress = caught
+        try:
+            with browser(chromium, "ui-progress-failure.png") as (page, visible):
+                page.goto(f"{deployment.url}/runs/{run_id}")
+                page.get_by_text("View tags and config", exact=True).first.click()
+                visible(f"{T.PROGRESS}: {progress}")
+                page.screenshot(path=ARTIFACTS / "running-stage-progress.png")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        done = deployment.wait_until(
+            functools.partial(backfill_finished, deployment, launched["backfillId"]),
+            BACKFILL_TIMEOUT, "the frozen stage's backfill to finish after SIGCONT", every=2.0)
+        assert done["status"] == "COMPLETED_SUCCESS", run_failures(deployment, done["runs"])
+        return
+    pytest.fail("three stage runs ended before their heartbeat was seen (polled every "
+                "0.1 s); the machine is too loaded for this test")
+
+
+def backfill_finished(services: Services, backfill_id: str) -> dict[str, Any] | None:
+    got: dict[str, Any] = services.graphql(BACKFILL, {"id": backfill_id})[
+        "partitionBackfillOrError"]
+    assert got["__typename"] == "PartitionBackfill", got
+    return got if got["status"] in FINISHED else None
+
+
+def catch_a_running_stage(services: Services, backfill_id: str
+                          ) -> tuple[str, int, str] | None:
+    """(run id, pid, progress tag) of a stage step frozen while its run is STARTED; None
+    if the backfill ended first."""
+    deadline = time.monotonic() + BACKFILL_TIMEOUT
+    while time.monotonic() < deadline:
+        got = services.graphql(BACKFILL, {"id": backfill_id})["partitionBackfillOrError"]
+        for run in got["runs"]:
+            found = {t["key"]: t["value"] for t in run["tags"]}
+            beat = T.own(found, run["runId"], None).get(T.HEARTBEAT)
+            if run["status"] != "STARTED" or not beat or T.PROGRESS not in found:
+                continue
+            decoded = Beat.decode(beat)
+            if decoded.ended or decoded.process is None:
+                continue
+            os.kill(decoded.process.pid, signal.SIGSTOP)
+            # frozen now: was it still inside the stage when it stopped?
+            [now] = [r for r in services.graphql(BACKFILL, {"id": backfill_id})[
+                "partitionBackfillOrError"]["runs"] if r["runId"] == run["runId"]]
+            tags_now = {t["key"]: t["value"] for t in now["tags"]}
+            beat_now = T.own(tags_now, run["runId"], None).get(T.HEARTBEAT, "")
+            if now["status"] == "STARTED" and not Beat.decode(beat_now).ended \
+                    and not tags_now[T.PROGRESS].endswith("ended"):
+                return run["runId"], decoded.process.pid, tags_now[T.PROGRESS]
+            os.kill(decoded.process.pid, signal.SIGCONT)
+        if got["status"] in FINISHED:
+            return None
+        time.sleep(0.1)
+    raise AssertionError(f"backfill {backfill_id} did not finish")
 
 
 def test_the_queries_match_the_installed_graphql_schema() -> None:

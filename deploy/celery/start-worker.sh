@@ -11,7 +11,7 @@
 #
 # Environment: DAGSTER_HOME (holding deploy/dagster.yaml), DAGSTER_PG_URL,
 # DAGSTER_CELERY_BROKER, DAGSTER_CELERY_BACKEND, the code location's own variables
-# (LONGRUN_BASE_URI, LONGRUN_S3_ENDPOINT, AWS_*), and the code importable (run it from the
+# (LONGRUN_BASE_URI, AWS_ENDPOINT_URL_S3, AWS_*), and the code importable (run it from the
 # repository root, or set PYTHONPATH). LONGRUN_CELERY_CONCURRENCY: slots (default 1).
 # LONGRUN_CELERY_PRELOAD: a code location module to import when the worker starts (e.g.
 # deploy.celery.definitions), so its first step does not pay for the import (and a broken
