@@ -3,6 +3,7 @@ deploy/celery/pool_queues.py's mapping (dagster-celery reads only the queue tag)
 here; tests/test_celery.py runs it on real workers."""
 
 import importlib
+import time
 from typing import Any
 
 import dagster as dg
@@ -53,3 +54,27 @@ def test_a_step_that_names_its_queue_keeps_it() -> None:
     defs = on_celery(dg.Definitions(assets=[big, small, copy]))
     job = defs.resolve_implicit_global_asset_job_def()
     assert queues(job, {"gpu": "gpu0"}) == {"big": "a100", "small": "gpu0", "copy": None}
+
+
+def test_a_revoked_step_whose_worker_never_answers_is_given_up_after_the_grace() -> None:
+    """dagster-celery waits for every revoked task to report; one on a dead or frozen worker
+    never does (its run worker polled forever). tests/test_celery.py kills real workers."""
+    from celery import Celery
+    from celery.exceptions import TaskRevokedError
+
+    from deploy.celery.pool_queues import RevocableResult
+
+    app = Celery(broker="memory://", backend="cache+memory://")
+    lost = RevocableResult(app.AsyncResult("lost"), grace=0.2)
+    assert not lost.ready()
+    lost.revoke()
+    assert not lost.ready()  # within the grace it may still report
+    time.sleep(0.25)
+    assert lost.ready()
+    with pytest.raises(TaskRevokedError, match="not heard from within 0.2s"):
+        lost.get()
+
+    app.backend.store_result("done", ["event"], "SUCCESS")
+    done = RevocableResult(app.AsyncResult("done"), grace=60)
+    done.revoke()  # it reported: its events are read, not dropped
+    assert done.ready() and done.get() == ["event"]
