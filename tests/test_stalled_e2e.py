@@ -18,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import sqlalchemy.exc
 
 from longrun_dagster import AtomicObjectStoreIOManager
 from longrun_dagster import tags as T
@@ -92,8 +93,19 @@ class Deployment:
         return dg.DagsterInstance.from_config(str(self.home))
 
     def runs(self) -> list[dg.DagsterRun]:
-        with self.instance() as instance:
-            return sorted(instance.get_runs(), key=lambda r: int(r.tags.get(ATTEMPT_TAG, 1)))
+        """The runs, retried while SQLite is locked: a stage process frozen (SIGSTOP) in
+        the middle of a write holds the lock until the sensor kills it, and a look that
+        opens the instance then fails with "database is locked"."""
+        for _ in range(30):
+            try:
+                with self.instance() as instance:
+                    return sorted(instance.get_runs(),
+                                  key=lambda r: int(r.tags.get(ATTEMPT_TAG, 1)))
+            except sqlalchemy.exc.OperationalError as exc:
+                if "database is locked" not in str(exc):
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("the SQLite instance stayed locked for 30 s")
 
     def wait(self, predicate: Any, timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
