@@ -72,7 +72,9 @@ def stalled_run_sensor(
     ``retry_budget`` attempts per partition. State lives in run tags, so the sensor
     survives its own restarts. Use the same ``stall_timeout_seconds`` as the stages'
     ``Heartbeat`` resource (or more). A run that has not published its first heartbeat
-    yet (its process is starting) gets ``start_grace_seconds`` from its start instead.
+    yet (its process is starting) gets ``start_grace_seconds`` from its start instead;
+    one still STARTING (a launch the daemon never finished, a pod not scheduled) gets it
+    from its launch. The sensor's relaunches are watched from their creation.
     A stalled run gets ``kill_grace_seconds`` to end after its terminate before the sensor
     marks it failed itself; a run left to Dagster's run retries that sees no re-execution
     within ``retry_patience_seconds`` (or ends CANCELED) is relaunched by the sensor."""
@@ -118,8 +120,14 @@ def stalled_run_sensor(
 # -- reading runs ----------------------------------------------------------------------------
 
 def _view(record: Any, crashed: bool = False) -> RunView:
-    started = record.start_time or record.create_timestamp.timestamp()
-    return RunView.of(record.dagster_run, started, crashed)
+    """The run as the decisions see it. It started when its worker said so; before that,
+    a run being launched (STARTING, or CANCELING from there) counts from its last status
+    change, not its creation: it may have waited in the queue for hours."""
+    run = record.dagster_run
+    launching = run.status in (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING)
+    started = record.start_time or (
+        record.update_timestamp if launching else record.create_timestamp).timestamp()
+    return RunView.of(run, started, crashed)
 
 
 def _failed_since(instance: dg.DagsterInstance, raw_cursor: str | None, now: float
@@ -452,7 +460,8 @@ def _same_partitions(run: RunView, key: str, tags: dict[str, str]) -> dg.RunRequ
     """A run of the same assets over the same partition, or the same range (whose committed
     partitions it reuses, resuming the one in progress from its checkpoint)."""
     selection = [dg.AssetKey.from_user_string(k) for k in run.assets]
-    tags = {**_user_tags(run), **tags}
+    # watched from its creation: a launch the daemon never finished is a stall too
+    tags = {**_user_tags(run), **tags, T.STAGE_RUN: "true"}
     if run.partition_range is not None:
         first, last = run.partition_range
         return dg.RunRequest(run_key=key, asset_selection=selection, tags={

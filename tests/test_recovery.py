@@ -304,6 +304,46 @@ def test_the_sensor_ends_a_run_frozen_after_its_stage_ended(
     assert ended is not None and ended.is_finished
 
 
+def test_a_relaunch_whose_launch_the_daemon_never_finished_is_relaunched(
+        instance: dg.DagsterInstance) -> None:
+    """Celery soak, seed 1851834193: the daemon was killed after it marked the sensor's
+    relaunch STARTING and before the launcher started its worker. The relaunch carried no
+    stage tag, so the sensor never watched it; Dagster's run monitoring failed it 300 s
+    later (START_TIMEOUT), unwatched too, and the partition was never committed."""
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    run = stage_run(instance, dg.DagsterRunStatus.STARTED,
+                    Beat(time.time() - 100, 1, 9, ProcessIdentity("elsewhere", 7)))
+    sensor = stalled_run_sensor(stall_timeout_seconds=1.0, kill_grace_seconds=0.5,
+                                start_grace_seconds=1.0)
+    [request], _ = tick(instance, sensor)
+    assert request.run_key == f"relaunch-{run.run_id}" and request.tags[T.STAGE_RUN] == "true"
+    # the daemon creates the requested run, which waits (for a run slot, longer than the
+    # start grace: a waiting run is not stalled) ...
+    relaunch = create_run_for_test(
+        instance, job_name="stage_job", status=dg.DagsterRunStatus.NOT_STARTED,
+        asset_selection=set(request.asset_selection or ()),
+        tags={**request.tags, "dagster/partition": request.partition_key or "",
+              "dagster/run_key": request.run_key or ""})
+    time.sleep(1.5)
+    requests, _ = tick(instance, sensor)
+    assert [r.run_key for r in requests] == [request.run_key]
+    # ... dequeues it and marks it STARTING, and is killed before the launcher starts it
+    instance.report_dagster_event(DagsterEvent(
+        event_type_value=DagsterEventType.PIPELINE_STARTING.value, job_name="stage_job"),
+        run_id=relaunch.run_id)
+    requests, _ = tick(instance, sensor)
+    assert [r.run_key for r in requests] == [request.run_key], "it only just went STARTING"
+    time.sleep(1.5)
+    requests, _ = tick(instance, sensor)
+    assert sorted(r.run_key or "" for r in requests) == sorted(
+        [request.run_key or "", f"relaunch-{relaunch.run_id}"])
+    again = next(r for r in requests if r.run_key == f"relaunch-{relaunch.run_id}")
+    assert again.tags[T.ATTEMPT] == "3" and again.partition_key == "p"
+    stuck = instance.get_run_by_id(relaunch.run_id)
+    assert stuck is not None and stuck.status == dg.DagsterRunStatus.FAILURE
+
+
 SUPERSEDED_STAGE = """
 import sys
 import dagster as dg
