@@ -1,6 +1,7 @@
 """Per-step overheads of a model stage: checkpoints, heartbeats, the VRAM guard.
 
     python bench/overheads.py [--batches 200] [--step-ms 10] [--pipeline-steps 10 50]
+                              [--ablate]
 
 Runs the stage's batch loop (no Dagster) over ``--batches`` batches of 256 rows whose
 output is a 384-float embedding per row, each batch taking ``--step-ms`` of simulated GPU
@@ -11,6 +12,11 @@ step) of the bare model function in a loop, of the sequential batch loop
 (``pipelined=False``) and of the pipelined one, checkpointing every 10 batches; each the
 best of ``--repeat`` runs, interleaved so that other load hits all three alike. Then the
 cost per call of ``Watchdog.progress`` (heartbeat) and ``VramGuard.step`` (host backend).
+
+``--ablate`` adds a what-if table at the first of ``--pipeline-steps``: the pipelined loop
+with pandera validation, the Arrow normalisation, or both swapped for no-ops (patched in
+this process only; the output is then not what the product writes). It says how far the
+loop could get with either made free, and so where the ceiling is on this machine.
 """
 
 import argparse
@@ -25,11 +31,14 @@ import pandas as pd
 import pandera.pandas as pa
 from common import best
 
+import longrun_dagster.batches as batches_module
 from longrun_dagster.batches import BatchLoop, Cadence
 from longrun_dagster.checkpoint import Checkpointer
+from longrun_dagster.formats import parquet
 from longrun_dagster.gpu import Thresholds, VramGuard, choose_backend
 from longrun_dagster.heartbeat import Watchdog
 from longrun_dagster.storage import LocalStore
+from longrun_dagster.validation import Report, empty_quarantine, no_cases
 
 SCHEMA = pa.DataFrameSchema({"id": pa.Column(str), "embedding": pa.Column(object)})
 
@@ -87,6 +96,31 @@ def pipeline_table(frame: pd.DataFrame, steps_ms: list[float], repeat: int) -> N
               f"{ratio['pipelined']:>10.2f} {cpu / batches * 1e3:>13.1f} {cpu / wall:>6.2f}")
 
 
+def ablation_table(frame: pd.DataFrame, step_ms: float, repeat: int) -> None:
+    """The pipelined loop with validation and/or normalisation made free (no-ops)."""
+    batches, step = -(-len(frame) // 256), step_ms / 1000
+    validate, normalised = batches_module.validate, parquet.normalised
+
+    def unchecked(out: pd.DataFrame, schema: object, first_row: int = 0) -> Report:
+        return Report(out, empty_quarantine(), no_cases())
+
+    variants = {"as shipped": (validate, normalised), "no validation": (unchecked, normalised),
+                "no normalisation": (validate, lambda f: f), "neither": (unchecked, lambda f: f)}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ["bare", *variants]}
+    try:
+        for _ in range(repeat):
+            runs["bare"].append(cpu_and_wall(partial(run_bare, frame, step)))
+            for name, (batches_module.validate, parquet.normalised) in variants.items():
+                runs[name].append(cpu_and_wall(partial(run_loop, frame, 10, step, True)))
+    finally:
+        batches_module.validate, parquet.normalised = validate, normalised
+    print(f"what-if, pipelined loop at {step_ms:.0f} ms, best of {repeat} interleaved "
+          "(model time / wall, process CPU ms per batch):")
+    for name, results in runs.items():
+        cpu, wall = min(results, key=lambda r: r[1])
+        print(f"  {name:<17} {batches * step / wall:>5.2f} {cpu / batches * 1e3:>6.1f}")
+
+
 def cpu_and_wall(fn: Callable[[], object]) -> tuple[float, float]:
     """Process CPU seconds (all threads) and wall seconds of ``fn()``."""
     cpu, start = time.process_time(), time.perf_counter()
@@ -100,6 +134,9 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--pipeline-steps", type=float, nargs="*", default=[10.0, 50.0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run the pipelined loop with validation and/or "
+                             "normalisation made free (what-if)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = args.batches * 256
@@ -115,6 +152,8 @@ def main() -> None:
         print(f"{every:>6} {saves:>6} {wall:>8.2f} {extra / max(saves - 1, 1) * 1e3:>8.1f} "
               f"{extra / wall:>7.1%}")
     pipeline_table(frame, args.pipeline_steps, args.repeat)
+    if args.ablate:
+        ablation_table(frame, args.pipeline_steps[0], args.repeat)
     dog = Watchdog(lambda at, c: None, interval=30, stall_timeout=900, enforce=False)
     per = best(lambda: [dog.progress(batches_done=i) for i in range(10000)]) / 10000
     print(f"heartbeat progress(): {per * 1e6:.2f} us/step ({per / step:.4%} of a step)")

@@ -19,6 +19,10 @@ FRAMES = {
                                      "at": pd.to_datetime(["2024-01-01", "2024-01-02"])}),
     "categories": pd.DataFrame({"c": pd.Categorical(["x", "y"])}),
     "empty": pd.DataFrame({"id": pd.Series([], dtype=str)}),
+    # over 100 rows a column: dumps converts on pyarrow's threads, normalised on one
+    "a batch of embeddings": pd.DataFrame({
+        "id": [f"r{i}" for i in range(512)], "n": pd.array(range(512), dtype="Int64"),
+        "emb": list(np.random.default_rng(0).random((512, 8), dtype=np.float32))}),
 }
 
 

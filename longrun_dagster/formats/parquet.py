@@ -40,15 +40,18 @@ def loads(data: bytes | memoryview) -> pd.DataFrame:
 def normalised(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` as ``loads(dumps(frame))`` returns it (pandas -> Arrow -> pandas), without
     writing Parquet: what a checkpointed batch reads back as."""
-    return _frame(_table(frame))
+    # One thread: for a batch, pyarrow would otherwise start and join a Python thread pool
+    # per call (from_pandas does when rows > 100 x columns), and those threads contend for
+    # the GIL with the model's thread. The values, and so the bytes, are the same.
+    return _frame(_table(frame, threads=False), threads=False)
 
 
-def _table(frame: pd.DataFrame) -> pa.Table:
+def _table(frame: pd.DataFrame, *, threads: bool = True) -> pa.Table:
     # None, not True: a RangeIndex is kept as metadata (start, stop, step, name) instead
     # of a column of int64 written, compressed and read back; any other index is a column.
-    return pa.Table.from_pandas(frame, preserve_index=None)
+    return pa.Table.from_pandas(frame, preserve_index=None, nthreads=None if threads else 1)
 
 
-def _frame(table: pa.Table) -> pd.DataFrame:
-    frame: pd.DataFrame = table.to_pandas()
+def _frame(table: pa.Table, *, threads: bool = True) -> pd.DataFrame:
+    frame: pd.DataFrame = table.to_pandas(use_threads=threads)
     return frame
