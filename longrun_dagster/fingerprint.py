@@ -17,6 +17,7 @@ Bumping ``SCHEME`` changes every fingerprint: every committed partition is recom
 """
 
 import datetime
+import dis
 import enum
 import functools
 import hashlib
@@ -258,10 +259,13 @@ def describe_schema(schema: pa.DataFrameSchema) -> dict[str, Any]:
 
     Builtin checks are described by their bound values (``ge(0)`` vs ``ge(1)``); a custom
     check by its function's qualname, a hash of its code, its defaults, the values it
-    closes over and the plain module-level values it names. A ``DataFrameModel`` and the
+    closes over and the module-level values it reads; a bound method, callable object or
+    ``functools.partial`` also by the state it is bound to (``Between(0, 1).check``: the
+    class and its attributes). A ``DataFrameModel`` and the
     ``DataFrameSchema`` it is equivalent to describe the same (builtin checks only: a
     model's custom check is a method and a schema's a separate function). Raises
-    ``ConfigError`` when a check refers to a value with no canonical bytes.
+    ``ConfigError`` when a check refers to a value with no canonical bytes, captured,
+    bound or global.
     """
     description = {
         **_frame(schema),
@@ -421,16 +425,26 @@ def _callable(fn: Any, where: str, stack: tuple[int, ...]) -> dict[str, Any]:
         return _callable(fn.__func__, where, stack)
     if isinstance(fn, types.MethodType):
         owner = fn.__self__
-        # a bound method's instance state is not described; its class and code are
-        of = _type_name(owner) if isinstance(owner, type) else _type_name(type(owner))
-        return {"method": _callable(fn.__func__, where, stack), "of": of}
+        method = _callable(fn.__func__, where, stack)
+        if isinstance(owner, type):  # a classmethod, a DataFrameModel's check
+            return {"method": method, "of": _type_name(owner)}
+        return {"method": method, "of": _type_name(type(owner)),
+                "self": _instance(owner, where, stack)}
     if isinstance(fn, types.FunctionType):
         return _function(fn, where, stack)
     if isinstance(fn, type):
         return {"class": _type_name(fn)}
     if isinstance(fn, (types.BuiltinFunctionType, np.ufunc)):
         module = getattr(fn, "__module__", None) or "builtins"
-        return {"builtin": f"{module}.{fn.__name__}"}
+        builtin = {"builtin": f"{module}.{fn.__name__}"}
+        owner = getattr(fn, "__self__", None)  # frozenset({...}).__contains__: the set
+        if owner is None or isinstance(owner, (types.ModuleType, type)):
+            return builtin
+        return {**builtin, "self": _instance(owner, where, stack)}
+    call = _python_call(fn)
+    if call is not None:
+        return {"call": _function(call, where, stack),
+                "of": _type_name(type(fn)), "self": _instance(fn, where, stack)}
     raise ConfigError(
         f"{where} calls {_short(fn)} of type {_type_name(type(fn))}, which has no canonical "
         f"description, so the stage's fingerprint could not tell when it changes; use a "
@@ -452,10 +466,39 @@ def _function(fn: types.FunctionType, where: str, stack: tuple[int, ...]) -> dic
                        for k, v in (fn.__kwdefaults__ or {}).items()},
         "closure": {name: _cell(cell, f"{where} variable {name!r}", stack)
                     for name, cell in cells},
-        # module-level values it names; modules, classes and helper functions are left out
-        "globals": {name: fn.__globals__[name] for name in sorted(_names(code))
-                    if name in fn.__globals__ and _encodes(fn.__globals__[name])},
+        "globals": _globals(fn, where, stack),
     }
+
+
+def _globals(fn: types.FunctionType, where: str, stack: tuple[int, ...]) -> dict[str, Any]:
+    """The module-level values ``fn`` names, by the rules for captured values; modules,
+    classes, functions and builtins are left out (their code is not described)."""
+    code = fn.__code__
+    read = _global_reads(code)
+    described: dict[str, Any] = {}
+    for name in sorted(_names(code)):
+        if name not in fn.__globals__:
+            continue
+        value = fn.__globals__[name]
+        if _encodes(value):  # any name, as before: an attribute's namesake too
+            described[name] = value
+        elif name not in read or isinstance(value, types.ModuleType):
+            continue  # df.LABELS reads a column, not the global LABELS
+        elif _is_bound_to_state(value):
+            described[name] = _captured(value, f"{where} global {name!r}", stack)
+        elif not callable(value):
+            raise _no_bytes(value, f"{where} global {name!r}", _GLOBAL_FIX)
+    return described
+
+
+def _global_reads(code: types.CodeType) -> set[str]:
+    """The names ``code`` reads as globals; ``co_names`` also holds attribute names."""
+    reads = {i.argval for i in dis.get_instructions(code)
+             if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            reads |= _global_reads(const)
+    return reads
 
 
 def _code(code: types.CodeType) -> dict[str, Any]:
@@ -511,9 +554,91 @@ def _captured(value: Any, where: str, stack: tuple[int, ...]) -> dict[str, Any]:
         return {"callable": _callable(value, where, stack)}
     if _encodes(value):
         return {"value": value}
-    raise ConfigError(
+    raise _no_bytes(value, where, _PLAIN_FIX)
+
+
+_PLAIN_FIX = ("give the check plain values (numbers, strings, tuples, lists, frozensets) or "
+              "name or version strings")
+_GLOBAL_FIX = ("make the global a plain value (a tuple, list or frozenset of numbers or "
+               "strings) and build anything else from it inside the check")
+
+
+def _no_bytes(value: Any, where: str, fix: str) -> ConfigError:
+    return ConfigError(
         f"{where} refers to {_short(value)} of type {_type_name(type(value))}, which has no "
-        f"canonical bytes, so the stage's fingerprint could not tell when it changes; give "
-        f"the check plain values (numbers, strings, lists) or name or version strings"
+        f"canonical bytes, so the stage's fingerprint could not tell when it changes; {fix}"
     )
+
+
+# --- objects checks are bound to: Between(0, 1).check is its code and its bounds ---------
+
+
+def _python_call(value: Any) -> types.FunctionType | None:
+    """The Python ``__call__`` of an instance such as ``Between(0, 1)``, else None."""
+    if isinstance(value, type):
+        return None
+    call = None
+    for klass in type(value).__mro__:
+        call = klass.__dict__.get("__call__")
+        if call is not None:
+            break
+    return call if isinstance(call, types.FunctionType) else None
+
+
+def _is_bound_to_state(value: Any) -> bool:
+    """A callable whose behaviour depends on more than its code: a bound method of an
+    instance, a partial or a callable object."""
+    if isinstance(value, types.MethodType):
+        return not isinstance(value.__self__, type)
+    return isinstance(value, functools.partial) or _python_call(value) is not None
+
+
+def _instance(owner: Any, where: str, stack: tuple[int, ...]) -> dict[str, Any]:
+    """The object a check is bound to: its class, its attributes (by the rules for
+    captured values) and, for a subclass of a builtin such as a NamedTuple, its value."""
+    cls = type(owner)
+    if id(owner) in stack:  # an attribute holding the object's own method
+        return {"recursive": _type_name(cls)}
+    stack = (*stack, id(owner))
+    attributes = _attributes(owner)
+    holds_a_value = any(c.__module__ == "builtins" for c in cls.__mro__[:-1])
+    if attributes is None and not holds_a_value:
+        raise ConfigError(
+            f"{where} is bound to {_short(owner)} of type {_type_name(cls)}, whose state "
+            f"Python cannot read (no __dict__ or __slots__), so the stage's fingerprint "
+            f"could not tell when it changes; use a plain function, or a class of your own "
+            f"with plain attributes")
+    described: dict[str, Any] = {"class": _type_name(cls), "attributes": {
+        name: _captured(value, f"{where} {cls.__qualname__} attribute {name!r}", stack)
+        for name, value in (attributes or {}).items()}}
+    if holds_a_value:
+        try:
+            canonical(owner, what=where)
+        except ConfigError:
+            raise _no_bytes(owner, f"{where} bound object", _PLAIN_FIX) from None
+        described["value"] = owner
+    return described
+
+
+def _attributes(owner: Any) -> dict[str, Any] | None:
+    """An object's ``__dict__`` and the ``__slots__`` of its classes; None when it has
+    neither (a C object, whose state Python cannot read)."""
+    found = dict(vars(owner)) if isinstance(getattr(owner, "__dict__", None), dict) else None
+    for cls in type(owner).__mro__:
+        slots = cls.__dict__.get("__slots__")
+        if slots is None:
+            continue
+        found = {} if found is None else found
+        for slot in [slots] if isinstance(slots, str) else slots:
+            name = _unmangled(cls, slot)
+            if slot not in ("__dict__", "__weakref__") and hasattr(owner, name):
+                found[name] = getattr(owner, name)
+    return found
+
+
+def _unmangled(cls: type, slot: str) -> str:
+    """The attribute a slot is stored under: ``__hi`` in ``class Between`` is ``_Between__hi``."""
+    if slot.startswith("__") and not slot.endswith("__"):
+        return f"_{cls.__name__.lstrip('_')}{slot}"
+    return slot
 

@@ -2,14 +2,16 @@
 
 import datetime
 import enum
+import functools
 import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
@@ -18,6 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pandera.typing import Series
 
+from longrun_dagster import AtomicObjectStoreIOManager, StageContext, model_stage
 from longrun_dagster.errors import ConfigError
 from longrun_dagster.fingerprint import (
     canonical,
@@ -332,6 +335,215 @@ def test_check_code_is_described_the_same_after_the_interpreter_specialises_it()
     for i in range(5000):
         check._check_fn(i)
     assert described(schema) == before
+
+
+# --- custom checks bound to state: methods, callable objects, partials, globals ----------
+
+
+class Between:
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def check(self, s: pd.Series) -> pd.Series:
+        return (s >= self.lo) & (s <= self.hi)
+
+    def __call__(self, s: pd.Series) -> pd.Series:
+        return self.check(s)
+
+
+class SlottedBetween:
+    __slots__ = ("lo", "__hi")
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.__hi = lo, hi
+
+    def check(self, s: pd.Series) -> pd.Series:
+        return (s >= self.lo) & (s <= self.__hi)
+
+
+class Range(NamedTuple):
+    lo: float
+    hi: float
+
+    def check(self, s: pd.Series) -> pd.Series:
+        return (s >= self.lo) & (s <= self.hi)
+
+
+class Allowed:
+    def __init__(self, labels: Any) -> None:
+        self.labels = labels
+
+    def check(self, s: pd.Series) -> pd.Series:
+        return s.isin(self.labels)
+
+
+def in_range(s: pd.Series, lo: float, hi: float) -> pd.Series:
+    return (s >= lo) & (s <= hi)
+
+
+def within(lo: float, hi: float, s: pd.Series) -> pd.Series:
+    return (s >= lo) & (s <= hi)
+
+
+def bounded(check_fn: Any) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema({"score": pa.Column(float, pa.Check(check_fn))})
+
+
+@pytest.mark.parametrize("make", [
+    lambda lo, hi: Between(lo, hi).check,
+    lambda lo, hi: SlottedBetween(lo, hi).check,
+    lambda lo, hi: Range(lo, hi).check,
+    lambda lo, hi: Between(lo, hi),
+    lambda lo, hi: functools.partial(in_range, lo=lo, hi=hi),
+    lambda lo, hi: functools.partial(within, lo, hi),
+], ids=["method", "slots", "namedtuple", "callable_object", "partial", "partial_args"])
+def test_a_check_bound_to_state_changes_with_the_state(make: Any) -> None:
+    """A check given as a bound method Between(0, 1).check ignored the instance's bounds:
+    tightening them to Between(0, 0.5) kept the fingerprint and reused partitions that
+    fail the new rule. A callable object Between(0, 1) was refused outright."""
+    assert described(bounded(make(0, 1))) == described(bounded(make(0, 1)))
+    assert described(bounded(make(0, 1))) != described(bounded(make(0, 0.5)))
+    assert described(bounded(make(0, 1))) != described(bounded(make(-1, 1)))
+
+
+def test_a_builtin_bound_method_changes_with_its_object() -> None:
+    """frozenset({...}).__contains__ was described as 'builtins.__contains__' whatever the
+    set held, so a changed label set reused partitions with the old labels."""
+    def labels(allowed: frozenset[str]) -> pa.DataFrameSchema:
+        check = pa.Check(allowed.__contains__, element_wise=True)
+        return pa.DataFrameSchema({"label": pa.Column(str, check)})
+
+    assert described(labels(frozenset({"a", "b"}))) == described(labels(frozenset({"b", "a"})))
+    assert described(labels(frozenset({"a", "b"}))) != described(labels(frozenset({"a"})))
+
+
+def test_methods_of_different_classes_with_equal_state_differ() -> None:
+    class Other(Between):
+        pass
+
+    assert described(bounded(Between(0, 1).check)) != described(bounded(Other(0, 1).check))
+
+
+def test_a_check_bound_to_unencodable_state_is_a_config_error() -> None:
+    """Allowed(pd.Index([...])).check could not say when its labels change: it must be
+    refused where the schema is declared, naming the check, the attribute and the fix."""
+    check = pa.Check(Allowed(pd.Index(["low", "high"])).check, name="allowed")
+    with pytest.raises(ConfigError) as caught:
+        describe_schema(pa.DataFrameSchema({"label": pa.Column(str, check)}))
+    message = str(caught.value)
+    assert message.startswith("schema column 'label' check 'allowed' ")
+    assert "Allowed attribute 'labels'" in message and "pandas.Index" in message
+    assert "tuple" in message  # the fix
+
+
+def test_an_object_in_a_checks_state_is_a_config_error() -> None:
+    """Instance attributes follow the rules for captured values: a plain object has none."""
+    with pytest.raises(ConfigError, match="Between attribute 'hi'"):
+        describe_schema(bounded(Between(0, object()).check))
+
+
+def test_a_method_of_an_unencodable_object_is_a_config_error() -> None:
+    def known(fn: Any) -> pa.DataFrameSchema:
+        check = pa.Check(fn, element_wise=True, name="known")
+        return pa.DataFrameSchema({"label": pa.Column(str, check)})
+
+    with pytest.raises(ConfigError, match=r"^schema column 'label' check 'known' Index attr"):
+        describe_schema(known(pd.Index(["low", "high"]).__contains__))
+    with pytest.raises(ConfigError, match=r"^schema column 'label' check 'known' "):
+        describe_schema(known(np.random.default_rng(0).random))
+
+
+def test_a_check_object_referring_to_itself_is_described() -> None:
+    between = Between(0, 1)
+    between.again = between.check  # type: ignore[attr-defined]
+    assert described(bounded(between.check)) == described(bounded(between.check))
+
+
+LABELS = ("low", "high")
+LABEL_INDEX = pd.Index(["low", "high"])
+UNIT = Between(0, 1)
+
+
+def is_label(value: str) -> bool:
+    return value in LABELS
+
+
+def test_changing_a_global_a_check_reads_changes_the_description(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    schema = pa.DataFrameSchema({"label": pa.Column(str, pa.Check(lambda s: s.isin(LABELS)))})
+    before = described(schema)
+    monkeypatch.setitem(globals(), "LABELS", ("low", "mid", "high"))
+    assert described(schema) != before
+
+
+def test_a_check_reading_an_unencodable_global_is_a_config_error() -> None:
+    """ALLOWED = pd.Index([...]) read by a check was silently left out of the description
+    (the same value captured in a closure was a ConfigError): changing it reused
+    partitions with the old labels."""
+    check = pa.Check(lambda s: s.isin(LABEL_INDEX), name="known")
+    with pytest.raises(ConfigError) as caught:
+        describe_schema(pa.DataFrameSchema({"label": pa.Column(str, check)}))
+    message = str(caught.value)
+    assert message.startswith("schema column 'label' check 'known' global 'LABEL_INDEX' ")
+    assert "pandas.Index" in message and "tuple, list or frozenset" in message
+
+
+def test_a_global_check_object_changes_with_its_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module-level Between(0, 1) called by a check was left out like a helper function."""
+    schema = bounded(lambda s: UNIT(s) & UNIT.check(s))
+    before = described(schema)
+    assert described(schema) == before
+    monkeypatch.setitem(globals(), "UNIT", Between(0, 0.5))
+    assert described(schema) != before
+
+
+def test_modules_functions_classes_and_builtins_a_check_reads_are_left_out() -> None:
+    def check(s: pd.Series) -> pd.Series:
+        return s.map(is_label) & pd.Series(np.ones(len(s), dtype=bool), index=s.index) \
+            & isinstance(s, pd.Series) & bool(math.isfinite(1.0)) & bool(Precision.BF16)
+
+    schema = pa.DataFrameSchema({"label": pa.Column(str, pa.Check(check))})
+    assert described(schema) == described(schema)
+
+
+def test_an_attribute_named_like_an_unencodable_global_is_no_error() -> None:
+    """co_names holds attribute names too: df.LABEL_INDEX is a column, not the global."""
+    check = pa.Check(lambda df: df.LABEL_INDEX.notna())
+    describe_schema(pa.DataFrameSchema({"LABEL_INDEX": pa.Column(str)}, checks=check))
+
+
+def test_tightening_a_bound_method_check_recomputes(tmp_path: Path) -> None:
+    """End to end: Between(0, 1).check then Between(0, 0.5).check reused the partition
+    committed under the looser rule instead of calling the model again."""
+    calls: list[int] = []
+
+    @dg.asset
+    def values() -> pd.DataFrame:
+        return pd.DataFrame({"id": ["a", "b", "c"], "x": [0.1, 0.2, 0.3]})
+
+    def stage(between: Between) -> dg.AssetsDefinition:
+        schema = pa.DataFrameSchema({"id": pa.Column(str),
+                                     "score": pa.Column(float, pa.Check(between.check))})
+
+        @model_stage(upstream=values, schema=schema, name="bounded")
+        def bounded(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+            calls.append(len(batch))
+            return pd.DataFrame({"id": batch.id.to_numpy(), "score": batch.x.to_numpy()})
+
+        return bounded
+
+    io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
+    resources = {"io_manager": io}
+    assert dg.materialize([values, stage(Between(0, 1))], resources=resources).success
+    assert calls == [3]
+    again = stage(Between(0, 1))
+    assert dg.materialize([values, again], resources=resources, selection=[again]).success
+    assert calls == [3], "the same rule must reuse"
+    tightened = stage(Between(0, 0.5))
+    assert dg.materialize([values, tightened], resources=resources,
+                          selection=[tightened]).success
+    assert calls == [3, 3], "a tightened rule must call the model again"
 
 
 # --- stage fingerprints ------------------------------------------------------------------
