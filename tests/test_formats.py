@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from longrun_dagster import UnsupportedOutput
-from longrun_dagster.formats import encode, parquet
+from longrun_dagster.formats import decode, encode, parquet
 
 FRAMES = {
     "text and floats": pd.DataFrame({"id": ["a", "b"], "score": [0.1, 0.2]}),
@@ -41,6 +41,48 @@ def test_normalised_is_what_a_checkpoint_reads_back(name: str) -> None:
 def test_unstorable_objects_are_refused_without_pickle() -> None:
     with pytest.raises(UnsupportedOutput, match="without pickle"):
         encode({"model": object()})
+
+
+CHANGED_BY_JSON = {
+    "int key": ({1: 10, 2: (3, 4)}, r"value has the int key 1, .*the string '1'.*str keys"),
+    "tuple": ({"a": [(1, 2)]}, r"value\['a'\]\[0\] is a tuple.*a list.*use a list"),
+    "bool key deep": ([1, {"k": {True: 1}}], r"value\[1\]\['k'\] has the bool key True"),
+    "None key": ({None: 1}, r"value has the NoneType key None, .*'null'"),
+    "tuple key": ({(1, 2): 1}, r"value has the tuple key \(1, 2\), which JSON cannot store"),
+    "set": ({"s": {1, 2}}, r"value\['s'\] is a set, which JSON cannot store.*sorted list"),
+    "bytes": ({"b": b"x"}, r"value\['b'\] is a bytes, which JSON cannot store"),
+    "nan": ({"x": [0.5, float("nan")]}, r"value\['x'\]\[1\] is nan.*None"),
+    "inf at the top": (float("inf"), r"value is inf"),
+    "numpy int": ({"n": np.int64(3)}, r"value\['n'\] is a numpy.int64, which JSON"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHANGED_BY_JSON))
+def test_json_refuses_what_it_would_not_give_back_naming_where(name: str) -> None:
+    """A plain asset's {1: 10, 2: (3, 4)} was stored as JSON and loaded back as
+    {'1': 10, '2': [3, 4]} without a word: the encoder now refuses what JSON would change
+    or cannot store, naming the place inside the value and the fix."""
+    value, where = CHANGED_BY_JSON[name]
+    with pytest.raises(UnsupportedOutput, match=where) as caught:
+        encode(value)
+    assert "Return a pandas DataFrame" in str(caught.value)
+
+
+def test_a_value_that_contains_itself_is_refused_not_a_recursion_error() -> None:
+    loop: list[object] = [1]
+    loop.append({"again": loop})
+    with pytest.raises(UnsupportedOutput, match=r"value\[1\]\['again'\] contains itself"):
+        encode(loop)
+
+
+def test_json_able_values_come_back_equal() -> None:
+    value = {"a": [1, 2.5, "x", None, True, {"b": [], "c": {}}], "": -0.0, "n": 2**70}
+    encoded = encode(value)
+    assert encoded.format == "json"
+    assert decode(encoded.format, bytes(encoded.data)) == value
+    shared = [1, 2]
+    assert decode("json", bytes(encode({"x": shared, "y": shared}).data)) == {
+        "x": [1, 2], "y": [1, 2]}
 
 
 INDEXED = {

@@ -106,6 +106,20 @@ def test_unpicklable_output_is_refused_with_the_fix(io: AtomicObjectStoreIOManag
         run([odd], io)
 
 
+def test_a_dict_json_would_change_is_refused_naming_where(
+    io: AtomicObjectStoreIOManager,
+) -> None:
+    """A plain asset returning {1: 10, 2: (3, 4)} was committed and loaded back downstream
+    as {'1': 10, '2': [3, 4]} without a word."""
+    @dg.asset
+    def lookup() -> dict[int, Any]:
+        return {1: 10, 2: (3, 4)}
+
+    with pytest.raises(UnsupportedOutput, match=r"value has the int key 1, .*str keys"):
+        run([lookup], io)
+    assert io.partition_store().lookup(["lookup"], None) is None
+
+
 def test_multi_partition_run_commits_each_partition(io: AtomicObjectStoreIOManager) -> None:
     """A single-run backfill over a range hands the IO manager {partition: value}."""
     @dg.asset(partitions_def=DAYS, backfill_policy=dg.BackfillPolicy.single_run())

@@ -1,12 +1,16 @@
 """Partition keys from users can never escape their folder or collide."""
 
+from collections.abc import Callable
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longrun_dagster.commit import PartitionStore
+from longrun_dagster.errors import ConfigError
 from longrun_dagster.storage import LocalStore, ObjectStore
 from longrun_dagster.storage.keys import asset_prefix, encode_component, partition_prefix
 
@@ -139,3 +143,33 @@ def test_distinct_locations_never_share_or_nest(
     prefixes = [partition_prefix(asset, partition) for asset, partition in locations]
     assert len(set(prefixes)) == len(prefixes)
     assert _nested_or_shared(prefixes) == []
+
+
+NOT_STR_KEYS = [3, ["a"], date(2024, 1, 1), b"2024-01-01", ("a", 1)]
+
+
+@pytest.mark.parametrize("key", NOT_STR_KEYS, ids=lambda k: type(k).__name__)
+def test_a_key_that_is_not_a_string_is_refused_naming_asset_key_and_fix(
+    tmp_path: Path, key: Any
+) -> None:
+    """begin(["a"], 3, ...) or a date key died with a bare TypeError from URL quoting deep
+    inside storage/keys.py, and a bytes key shared the folder of its str twin."""
+    parts = PartitionStore(LocalStore(tmp_path))
+    calls: list[Callable[[], object]] = [
+        lambda: parts.begin(["scores"], key, run_id="r"),
+        lambda: parts.lookup(["scores"], key),
+        lambda: parts.uri(["scores"], key),
+        lambda: partition_prefix(["scores"], key),
+    ]
+    for call in calls:
+        with pytest.raises(ConfigError) as caught:
+            call()
+        message = str(caught.value)
+        assert "scores" in message and repr(key) in message
+        assert type(key).__qualname__ in message and "str(" in message
+
+
+def test_an_asset_path_part_that_is_not_a_string_is_refused() -> None:
+    """The same bare TypeError came from an asset path holding an int."""
+    with pytest.raises(ConfigError, match=r"asset path .*1.*int.*str\("):
+        partition_prefix(["scores", 1], "k")  # type: ignore[list-item]

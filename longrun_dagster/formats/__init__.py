@@ -23,7 +23,8 @@ class Encoded:
 
 def encode(obj: Any) -> Encoded:
     """Encode ``obj``: a DataFrame as Parquet, a dict of tensors/arrays as safetensors,
-    JSON-able data as JSON. Anything else raises ``UnsupportedOutput``: no pickle."""
+    JSON-able data as JSON. Anything else, and data JSON would give back changed (int keys,
+    tuples), raises ``UnsupportedOutput`` naming the place in it: no pickle."""
     if isinstance(obj, pd.DataFrame):
         return Encoded(parquet.FORMAT, parquet.EXTENSION, parquet.dumps(obj), len(obj))
     if tensors.is_tensor_dict(obj):
@@ -37,7 +38,8 @@ def encode(obj: Any) -> Encoded:
         raise UnsupportedOutput(
             f"cannot store an object of type {type(obj).__qualname__} without pickle: "
             f"{exc}. Return a pandas DataFrame (Parquet), a dict of torch tensors or numpy "
-            "arrays (safetensors), or JSON-able data (dict/list/str/number/bool/None)"
+            "arrays (safetensors), or JSON-able data (dicts with str keys, lists, str, "
+            "finite numbers, bool, None)"
         ) from exc
     rows = len(obj) if isinstance(obj, list) else None
     return Encoded(records.FORMAT, records.EXTENSION, data, rows)

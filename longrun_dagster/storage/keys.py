@@ -3,6 +3,8 @@
 import hashlib
 from urllib.parse import quote
 
+from longrun_dagster.errors import ConfigError
+
 # Besides ASCII letters and digits. Never '/', '%', '\\', NUL; never '~' (quote() keeps it
 # unless told otherwise), which marks a shortened key, so no user key can encode to a
 # shortened key's name.
@@ -39,12 +41,32 @@ def asset_prefix(asset_path: list[str] | tuple[str, ...]) -> str:
 def partition_prefix(asset_path: list[str] | tuple[str, ...], partition: str | None) -> str:
     """``<asset path>/p=<encoded partition>/`` for a partition, or
     ``<asset path>/_unpartitioned/`` for an unpartitioned asset. For distinct (asset path,
-    partition) pairs, neither result is a prefix of the other."""
+    partition) pairs, neither result is a prefix of the other. Every location of an
+    asset's partition is named here, so this is where a key that is not a ``str`` is
+    refused (``ConfigError``)."""
+    _require_str(asset_path, partition)
     if partition is None:
         leaf = UNPARTITIONED
     else:
         leaf = PARTITION_FOLDER_PREFIX + encode_component(partition)
     return f"{asset_prefix(asset_path)}{leaf}/"
+
+
+def _require_str(asset_path: list[str] | tuple[str, ...], partition: object) -> None:
+    # quote() fails on an int or a date with a bare TypeError, and takes bytes: b"k"
+    # would share the folder of "k".
+    for part in asset_path:
+        if not isinstance(part, str):
+            raise ConfigError(
+                f"asset path {list(asset_path)!r} holds {part!r}, a "
+                f"{type(part).__qualname__}: asset path parts are strings; pass str({part!r})"
+            )
+    if partition is not None and not isinstance(partition, str):
+        raise ConfigError(
+            f"partition key {partition!r} of asset {'/'.join(asset_path)} is a "
+            f"{type(partition).__qualname__}: partition keys are strings, as Dagster's are; "
+            "pass str(key)"
+        )
 
 
 def _escape(text: str) -> str:
