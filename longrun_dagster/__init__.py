@@ -21,6 +21,7 @@ _EXPORTS = {
     "GpuGuard": "longrun_dagster.resources",
     "GpuMemoryExceeded": "longrun_dagster.errors",
     "Heartbeat": "longrun_dagster.resources",
+    "IncompleteCommit": "longrun_dagster.errors",
     "LeaseLost": "longrun_dagster.errors",
     "LongrunError": "longrun_dagster.errors",
     "NewerFormat": "longrun_dagster.errors",

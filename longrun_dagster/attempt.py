@@ -32,6 +32,7 @@ from longrun_dagster.errors import (
     StorageError,
 )
 from longrun_dagster.layout import PartitionLayout, attempt_folder, object_name
+from longrun_dagster.ledger import Ledger
 from longrun_dagster.manifest import Claim, Manifest, Record, Retired, StoredObject
 from longrun_dagster.storage import ObjectStore
 
@@ -213,9 +214,18 @@ class PartitionAttempt:
     # -- commit ---------------------------------------------------------------------------
 
     def commit(self, value: Any, *, extra: Mapping[str, Any] | None = None,
-               metadata: Mapping[str, Any] | None = None) -> Committed | Reused:
+               metadata: Mapping[str, Any] | None = None, ledger: Ledger | None = None,
+               one_row_per_input: bool = True) -> Committed | Reused:
         """Encode ``value`` (and ``extra`` objects: role -> value), write them under
-        attempt-unique names, then the record, conditionally (see the module)."""
+        attempt-unique names, then the record, conditionally (see the module). With a
+        ``ledger`` (a stage's), first prove the output complete: every batch in it exactly
+        once, and ``value`` and the ``quarantine`` extra holding exactly its rows;
+        otherwise ``IncompleteCommit`` and nothing is written."""
+        if ledger is not None:
+            quarantine = (extra or {}).get("quarantine")
+            ledger.verify_commit(where=self.describe(), rows_out=len(value),
+                                 rows_quarantined=0 if quarantine is None else len(quarantine),
+                                 one_row_per_input=one_row_per_input)
         encoded = formats.encode(value)
         objects = {"data": (encoded.data, encoded.extension)} if encoded.data else {}
         for role, obj in (extra or {}).items():

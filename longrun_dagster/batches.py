@@ -1,11 +1,14 @@
 """The batch loop of a model stage: map a function over stable batches, validate each
 output, checkpoint every N batches or M seconds, resume, react to SIGTERM and deadlines.
 
-Plain Python (no Dagster): ``stage.py`` wraps it in an asset. Every batch output is
-normalised through a Parquet round trip as soon as it is produced, so a run resumed from
-checkpoint shards and an uninterrupted run concatenate identical frames and commit
-byte-identical output. Rows are numbered within the partition's output, so a failure case
-names the row users look up.
+Plain Python (no Dagster): ``stage.py`` wraps it in an asset. Every batch output becomes
+an Arrow table typed by the schema as soon as it is validated, and the output is assembled
+once from all of them (``assembly``), so a run resumed from checkpoint shards and an
+uninterrupted run commit byte-identical output. Every completed batch is entered in the
+``Ledger`` (its input rows, rows out, rows quarantined); checkpoints carry it, a resume takes
+only a checkpoint whose ledger and shards agree, and the commit checks the output against
+it. Rows are numbered within the partition's output, so a failure case names the row users
+look up.
 
 Pipelined (the default): batch i is validated and normalised on one worker thread while
 the model runs batch i+1, so the device does not wait for pandera and Arrow. A batch is
@@ -13,9 +16,12 @@ the model runs batch i+1, so the device does not wait for pandera and Arrow. A b
 ``Progress``, shown to hooks and checkpointed. The loop joins the worker (every batch
 handed to it completed, in order) before each checkpoint, before hooks run, and when it
 stops for any reason, SIGTERM's grace guard included. ``pipelined=False`` checks each
-batch on the loop's thread right after the model returns it (same bytes, slower).
+batch on the loop's thread right after the model returns it (same bytes, slower). The
+pipelined loop snapshots what the model returned on the loop's thread before calling it
+again, so a model function may reuse its buffers (pinned staging memory, arrays).
 """
 
+import copy
 import functools
 import logging
 import os
@@ -29,12 +35,17 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow
 
-from longrun_dagster.checkpoint import Checkpointer
+from longrun_dagster.assembly import OutputTypes, frame_of, table_of
+from longrun_dagster.assembly import concat as concat_tables
+from longrun_dagster.checkpoint import Checkpointer, Restored
 from longrun_dagster.errors import ConfigError, Preempted, SegmentEnded
 from longrun_dagster.formats import parquet
+from longrun_dagster.ledger import Ledger, Plan
 from longrun_dagster.validation import (
     Report,
     empty_frame,
@@ -157,6 +168,9 @@ class Outcome:
     wall_seconds: float
     model_calls: int
     hook_metadata: dict[str, Any]
+    ledger: Ledger
+    """Every batch's input rows, rows out and rows quarantined; the commit checks the
+    output and quarantine against it."""
 
     @property
     def rows_quarantined(self) -> int:
@@ -177,16 +191,18 @@ class BatchLoop:
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
                  pipelined: bool = True, still_holds: Callable[[], bool] | None = None
                  ) -> None:
-        self.fn, self.frame, self.batch_size = fn, frame.reset_index(drop=True), batch_size
+        self.fn, self.frame, self.batch_size = fn, frame, batch_size
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
         self.one_row_per_input = one_row_per_input
         self.setup = setup
-        total = -(-len(self.frame) // batch_size)
+        self.types = OutputTypes(schema)
+        self.ledger = Ledger(Plan(len(frame), batch_size))
+        total = self.ledger.plan.batches
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
         self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset,
                                  still_holds)
-        self._frames: dict[str, list[pd.DataFrame]] = {VALID: [], QUARANTINE: [], CASES: []}
+        self._frames: dict[str, list[pyarrow.Table]] = {VALID: [], QUARANTINE: [], CASES: []}
         self._pending = 0  # batches done since the last checkpoint
         self._rows_out = 0  # output rows (valid and quarantined) of the batches done
         self._saved_at = time.monotonic()
@@ -220,14 +236,14 @@ class BatchLoop:
                 if self._worker is not None:
                     self._worker.shutdown(wait=True)
                 meta = self._end()
-        valid = self._frames[VALID] or [_normalised(empty_frame(self.schema))]
+        valid = self._frames[VALID] or [self.types.table(empty_frame(self.schema))]
         return Outcome(
-            output=_concat(valid), quarantine=_concat(self._frames[QUARANTINE]),
-            failure_cases=_concat(self._frames[CASES]), rows_in=len(self.frame),
+            output=self.types.frame(valid), quarantine=frame_of(self._frames[QUARANTINE]),
+            failure_cases=frame_of(self._frames[CASES]), rows_in=len(self.frame),
             batches=self.progress.batches_total, checkpoints=self.ckpt.saves,
             resumed_from_batch=self.progress.resumed_from_batch,
             wall_seconds=time.monotonic() - started, model_calls=self.model_calls,
-            hook_metadata=meta,
+            hook_metadata=meta, ledger=self.ledger,
         )
 
     def _start(self) -> None:
@@ -272,7 +288,8 @@ class BatchLoop:
                 self._complete(index, batch, out)
                 self._announce()
             else:
-                self._checking = self._worker.submit(self._complete, index, batch, out)
+                self._checking = self._worker.submit(self._complete, index, batch,
+                                                     _snapshot(out))
             per_batch = max(per_batch, time.monotonic() - began)
         self._join()
         self._announce()
@@ -316,18 +333,31 @@ class BatchLoop:
                                     first_row=self._rows_out)
             else:
                 report = validate(out, self.schema, first_row=self._rows_out)
-            frames = _added(index, report)
+            frames = self._added(index, report, out.index)
         except Exception as exc:
             exc.add_note(f"{self.name}: raised while validating the output of batch {index}")
             raise
         with self._lock:
             for kind, frame in frames.items():
                 self._frames[kind].append(frame)
+            self.ledger.add(index, len(report.valid), report.rows_invalid)
             self._rows_out += report.rows_checked
             self.progress.batches_done = index + 1
             self.progress.rows_done = min((index + 1) * self.batch_size, len(self.frame))
             self.progress.last_progress = time.monotonic()
             self._pending += 1
+
+    def _added(self, index: int, report: Report, labels: pd.Index) -> dict[str, pyarrow.Table]:
+        """Batch ``index``'s tables as the loop keeps (and checkpoints) them; the valid rows
+        keep the labels of the model's output index unless it is a ``RangeIndex``."""
+        valid = report.valid
+        if not isinstance(labels, pd.RangeIndex) and report.valid_rows is not None:
+            valid = valid.set_axis(labels[report.valid_rows - (self._rows_out)], axis="index")
+        if report.clean:
+            quarantine, cases = _no_failures()
+        else:
+            quarantine, cases = _quarantine(index, report), _cases(index, report)
+        return {VALID: self.types.table(valid), QUARANTINE: quarantine, CASES: cases}
 
     def _join(self) -> None:
         """Wait until every batch handed to the worker is completed; raise its error."""
@@ -341,26 +371,45 @@ class BatchLoop:
     # -- checkpoints -------------------------------------------------------------------
 
     def _resume(self) -> None:
-        restored = self.ckpt.restore()
+        restored = self.ckpt.restore(accept=self._resumable)
         if restored is None:
             return
         done = int(restored.step)
-        if done > self.progress.batches_total or restored.metadata.get("rows_total") != len(
-                self.frame):
-            self.log.warning(f"{self.name}: checkpoint at batch {done} does not match this "
-                             "input; starting from the beginning (it is left in place)")
-            # restore() adopted its shards for the next save; drop them, or a later resume
-            # would read this input's rows after the other input's.
-            self.ckpt.forget()
-            return
+        self.ledger = Ledger.from_json(self.ledger.plan, restored.metadata["ledger"])
         for kind, data in restored.shards:
-            self._frames[kind].append(parquet.loads(data))
-        self._rows_out = sum(len(f) for f in self._frames[VALID] + self._frames[QUARANTINE])
+            self._frames[kind].append(parquet.loads_table(data))
+        self._rows_out = self.ledger.rows_out + self.ledger.rows_quarantined
         self.progress.batches_done = self.progress.resumed_from_batch = done
         self.progress.rows_done = min(done * self.batch_size, len(self.frame))
         self.progress._rows_at_resume = self.progress.rows_done
         self.log.info(f"{self.name}: resuming from checkpoint after batch {done} "
                       f"({self.progress.rows_done}/{self.progress.rows_total} rows done)")
+
+    def _resumable(self, restored: Restored) -> str | None:
+        """Why a checkpoint cannot be resumed from (None: it can): another input, or a
+        ledger that does not cover batches 0..k-1 exactly once, or shards that do not hold
+        exactly the ledger's rows of the batches they say they hold."""
+        done, meta = restored.step, restored.metadata
+        if done > self.progress.batches_total or meta.get("rows_total") != len(self.frame):
+            return f"it does not match this input (taken at batch {done} of another)"
+        try:
+            ledger = Ledger.from_json(self.ledger.plan, meta.get("ledger"))
+        except ValueError as exc:
+            return str(exc)
+        wrong = ledger.problems(upto=done, one_row_per_input=self.one_row_per_input)
+        for kind in (VALID, QUARANTINE):
+            spans = [span for (k, _), span in zip(restored.shards, restored.spans, strict=True)
+                     if k == kind]
+            if [first for first, _ in spans] != [0] + [stop for _, stop in spans[:-1]] or \
+                    (spans[-1][1] if spans else 0) != done:
+                wrong.append(f"its {kind} shards hold batches {spans}, not 0..{done - 1}")
+        for (kind, data), (first, stop) in zip(restored.shards, restored.spans, strict=True):
+            if kind in (VALID, QUARANTINE):
+                want = ledger.span(first, stop)[0 if kind == VALID else 1]
+                if parquet.rows(data) != want:
+                    wrong.append(f"its {kind} shard of batches {first}..{stop - 1} holds "
+                                 f"{parquet.rows(data)} rows, its ledger {want}")
+        return "; ".join(wrong) or None
 
     def _save(self, *, wait: bool = False) -> None:
         with self._lock:
@@ -370,7 +419,8 @@ class BatchLoop:
                      for kind, frames in self._frames.items()}
             shards = [(kind, _encoder(frames)) for kind, frames in fresh.items()]
             self.ckpt.save(self.progress.batches_done, new_shards=shards,
-                           metadata={"rows_total": len(self.frame)})
+                           metadata={"rows_total": len(self.frame),
+                                     "ledger": self.ledger.as_json()})
             self._pending = 0
             self._saved_at = time.monotonic()
         if wait:
@@ -436,55 +486,58 @@ class BatchLoop:
         os._exit(143)
 
 
-def _added(index: int, report: Report) -> dict[str, pd.DataFrame]:
-    """Batch ``index``'s frames as the loop keeps (and checkpoints) them, normalised."""
-    if report.clean:
-        quarantine, cases = _no_failures()
-    else:
-        quarantine, cases = _quarantine(index, report), _cases(index, report)
-    return {VALID: _normalised(report.valid), QUARANTINE: quarantine, CASES: cases}
+_QUARANTINE_TYPES = {"batch": pyarrow.int64(), "position": pyarrow.int64(),
+                     "row": pyarrow.large_string(), "failures": pyarrow.large_string()}
+_CASES_TYPES = {"column": pyarrow.large_string(), "check": pyarrow.large_string(),
+                "failure_case": pyarrow.large_string(), "index": pyarrow.float64(),
+                "batch": pyarrow.int64()}
 
 
-def _quarantine(index: int, report: Report) -> pd.DataFrame:
+def _quarantine(index: int, report: Report) -> pyarrow.Table:
     quarantine = report.quarantined.reset_index()
     quarantine.insert(0, "batch", index)
-    return _normalised(quarantine)
+    return table_of(quarantine, _QUARANTINE_TYPES)
 
 
-def _cases(index: int, report: Report) -> pd.DataFrame:
+def _cases(index: int, report: Report) -> pyarrow.Table:
     cases = report.failure_cases.assign(batch=index)
     cases["index"] = pd.to_numeric(cases["index"], errors="coerce").astype("float64")
-    return _normalised(cases)
+    return table_of(cases, _CASES_TYPES)
 
 
 @functools.cache
-def _no_failures() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The quarantine and failure-case frames of a batch without failures, normalised
-    once (~3 ms a batch otherwise): they have no rows, so the batch number is in none and
-    every batch's are the same. Shared, never mutated (concatenation copies)."""
+def _no_failures() -> tuple[pyarrow.Table, pyarrow.Table]:
+    """The quarantine and failure-case tables of a batch without failures, built once
+    (~3 ms a batch otherwise): they have no rows, so the batch number is in none and every
+    batch's are the same. Arrow tables are immutable, so sharing them is safe."""
     clean = Report(pd.DataFrame(), empty_quarantine(), no_cases())
     return _quarantine(0, clean), _cases(0, clean)
 
 
-def _encoder(frames: list[pd.DataFrame]) -> Callable[[], memoryview]:
-    """Encode later, in the checkpoint writer thread (the frames are never mutated)."""
-    return lambda: parquet.dumps(_concat(frames))
+def _encoder(tables: list[pyarrow.Table]) -> Callable[[], memoryview]:
+    """Encode later, in the checkpoint writer thread (Arrow tables are immutable)."""
+    return lambda: parquet.dumps_table(concat_tables(tables))
 
 
-def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame as it will read back from a checkpoint shard: through Arrow, as Parquet
-    does (types settle there), without paying for Parquet's encoding on every batch."""
-    return parquet.normalised(frame.reset_index(drop=True))
+_IMMUTABLE = (str, bytes, int, float, bool, type(None), complex)
 
 
-def _concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Empty frames (a batch with no valid rows) are left out when any frame has rows:
-    pandas counts their dtypes, so an empty ``object`` column would turn int64 into object.
-    The rule holds for shards of frames and for the frames alike, so a resumed run and an
-    uninterrupted one concatenate to the same dtypes."""
-    if not frames:
-        return pd.DataFrame()
-    return pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
+def _snapshot(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of what the model returned that shares no mutable memory with it: numeric
+    buffers copied, and object cells that are not immutable (lists, arrays, dicts) deep
+    copied, so the model may reuse its buffers for the next batch while this one is
+    validated."""
+    copied = frame.copy(deep=True)
+    for position, dtype in enumerate(copied.dtypes):
+        if dtype == np.dtype(object):
+            column = copied.iloc[:, position]
+            if not all(type(v) in _IMMUTABLE for v in column):
+                copied.isetitem(position, column.map(_owned).to_numpy(dtype=object))
+    return copied
+
+
+def _owned(value: Any) -> Any:
+    return value if type(value) in _IMMUTABLE else copy.deepcopy(value)
 
 
 class _on_sigterm:

@@ -7,6 +7,13 @@ first under unique names, the cursor last, so a crash leaves the previous checkp
 whole. ``restore`` takes the newest cursor whose objects all verify and says in the log
 when it had to fall back past a damaged one.
 
+A failed write fails the checkpointer for good: every later ``save`` and ``flush`` raises
+that error, so no later cursor can name the shards after it and skip the failed save's
+work; the attempt ends and the next one resumes from the last cursor that landed.
+
+Each shard records the span of steps it holds (``[previous saved step, its step)``), so a
+caller can check on ``restore`` that a cursor's shards tile its steps (``accept``).
+
 Given an ``attempt`` name, a checkpointer writes and prunes only its own folder
 ``<prefix><attempt>/``, and restores from any attempt's folder under ``prefix``: an older
 attempt that wakes up (a zombie) can then never overwrite or prune the live attempt's
@@ -18,6 +25,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +55,8 @@ class Restored:
     skipped: list[str] = field(default_factory=list)
     """Newer checkpoints that failed verification, each with why (also logged)."""
     stored_shards: list[StoredObject] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    """The steps ``[first, stop)`` each of ``shards`` holds, in the same order."""
 
 
 class Checkpointer:
@@ -55,8 +65,9 @@ class Checkpointer:
     ``save(step, state)`` is the whole API for a custom loop; a batch stage also passes
     ``new_shards`` (encoded results since the last save), which accumulate across saves.
     With ``background=True`` a save returns once its bytes are in host memory and is
-    written by one background thread; never more than one write is in flight, and the
-    next save or ``flush()`` raises a failed write's error. With ``attempt``, writes go to
+    written by one background thread; never more than one write is in flight. A failed
+    write (background or not) is sticky: every later save or ``flush()`` raises its error.
+    With ``attempt``, writes go to
     ``<prefix><attempt>/`` only (see the module's docstring).
     """
 
@@ -72,6 +83,9 @@ class Checkpointer:
         self.log = log or _log
         self.saves = 0
         self._shards: list[StoredObject] = []
+        self._spans: list[tuple[int, int]] = []
+        self._step = 0  # the step of the last cursor written or restored
+        self._failed: BaseException | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, "longrun-checkpoint") if background else None
         self._inflight: Future[None] | None = None
@@ -85,19 +99,27 @@ class Checkpointer:
         plus ``new_shards`` ((kind, bytes) pairs) appended to those of earlier saves. A
         shard may be a function returning its bytes: it then runs in the writer thread, so
         encoding does not hold up the caller either."""
+        self.flush()
         encoded = formats.encode(state) if state is not None else None
         job = (step, encoded, list(new_shards), dict(metadata or {}))
         if self._pool is None:
             self._write(*job)
             return
-        self.flush()
         self._inflight = self._pool.submit(self._write, *job)
 
     def flush(self) -> None:
-        """Wait for the background write in flight; raise its error if it failed."""
+        """Wait for the background write in flight; raise a failed write's error (this
+        one's or any earlier one's: a failure is sticky)."""
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
-            inflight.result()
+            wait_for([inflight])
+        if self._failed is not None:
+            raise self._failed
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The error of the write that failed this checkpointer for good, if any."""
+        return self._failed
 
     def close(self) -> None:
         try:
@@ -109,7 +131,18 @@ class Checkpointer:
     def _write(self, step: int, encoded: formats.Encoded | None,
                new_shards: list[tuple[str, "ShardData"]],
                metadata: dict[str, Any]) -> None:
+        try:
+            self._write_cursor(step, encoded, new_shards, metadata)
+        except BaseException as exc:
+            self._failed = self._failed or exc
+            raise
+
+    def _write_cursor(self, step: int, encoded: formats.Encoded | None,
+                      new_shards: list[tuple[str, "ShardData"]],
+                      metadata: dict[str, Any]) -> None:
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             attempt = uuid.uuid4().hex[:12]
             objects = list(self._shards)
             for i, (kind, shard) in enumerate(new_shards):
@@ -117,6 +150,7 @@ class Checkpointer:
                 objects.append(self._put(f"shard-{step:0{STEP_DIGITS}d}-{i}-{attempt}.parquet",
                                          f"{SHARD}{kind}", data))
             shards = list(objects)
+            spans = self._spans + [(self._step, step)] * len(new_shards)
             fmt = "none"
             if encoded is not None:
                 objects.append(self._put(f"state-{step:0{STEP_DIGITS}d}-{attempt}."
@@ -126,10 +160,10 @@ class Checkpointer:
                 asset=[], partition=None, format=fmt, objects=objects, rows=None,
                 fingerprint=None, run_id=self.run_id,
                 created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                metadata={**metadata, "step": step},
+                metadata={**metadata, "step": step, "spans": [list(s) for s in spans]},
             )
             self.store.put(self._cursor_key(step), manifest.encode([], None, cursor, None))
-            self._shards = shards
+            self._shards, self._spans, self._step = shards, spans, step
             self.saves += 1
             self._prune()
 
@@ -171,21 +205,27 @@ class Checkpointer:
 
     # -- restoring -----------------------------------------------------------------------
 
-    def restore(self) -> Restored | None:
-        """The newest checkpoint whose cursor and objects all verify, or None."""
+    def restore(self, accept: Callable[[Restored], str | None] | None = None
+                ) -> Restored | None:
+        """The newest checkpoint whose cursor and objects all verify and that ``accept``
+        finds nothing wrong with (it returns why not, or None), or None."""
         self.flush()
         skipped: list[str] = []
         for key in self._cursors(self.prefix):
             try:
                 restored = self._load(key, skipped)
+                wrong = accept(restored) if accept is not None else None
             except (CorruptObject, ObjectNotFound, NewerFormat) as exc:
-                reason = f"{self.store.uri_of(key)}: {exc}"
+                wrong = str(exc)
+            if wrong is not None:
+                reason = f"{self.store.uri_of(key)}: {wrong}"
                 skipped.append(reason)
-                self.log.warning(f"checkpoint is damaged, falling back to an older one: "
-                                 f"{reason}")
+                self.log.warning(f"checkpoint is damaged or incomplete, falling back to an "
+                                 f"older one: {reason}")
                 continue
             with self._lock:
-                self._shards = restored.stored_shards
+                self._shards, self._spans = restored.stored_shards, restored.spans
+                self._step = restored.step
             return restored
         if skipped:
             where = self.store.uri_of(self.prefix.rstrip("/"))
@@ -216,13 +256,15 @@ class Checkpointer:
             else:
                 state = formats.decode(cursor.format, data)
         meta = dict(cursor.metadata)
-        return Restored(int(meta.pop("step")), state, shards, meta, skipped, stored_shards)
+        step = int(meta.pop("step"))
+        spans = _spans(meta.pop("spans", None), len(shards), self.store.uri_of(key))
+        return Restored(step, state, shards, meta, skipped, stored_shards, spans)
 
     def forget(self) -> None:
         """Start over without deleting anything: the next save names only what is saved
         from now on (for a restored checkpoint the caller rejects)."""
         with self._lock:
-            self._shards = []
+            self._shards, self._spans, self._step = [], [], 0
 
     def clear(self) -> None:
         """Delete every checkpoint under the prefix, every attempt's (once the partition is
@@ -231,4 +273,18 @@ class Checkpointer:
         for info in self.store.list(self.prefix):
             self.store.delete(info.key)
         with self._lock:
-            self._shards = []
+            self._shards, self._spans, self._step = [], [], 0
+
+
+def _spans(raw: Any, shards: int, uri: str) -> list[tuple[int, int]]:
+    """The spans a cursor records for its shards; a cursor without them (written before
+    spans were recorded) or with the wrong number is not trusted."""
+    if raw is None and shards == 0:
+        return []
+    if not isinstance(raw, list) or len(raw) != shards or not all(
+            isinstance(s, list) and len(s) == 2 and all(type(v) is int for v in s)
+            for s in raw):
+        raise CorruptObject(f"checkpoint cursor {uri} does not record the steps each of its "
+                            f"{shards} shards holds", uri=uri, expected=shards,
+                            actual=len(raw) if isinstance(raw, list) else "none")
+    return [(s[0], s[1]) for s in raw]

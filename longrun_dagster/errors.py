@@ -10,6 +10,7 @@
     │   ├── CorruptObject                          size or digest differs from the manifest
     │   └── NewerFormat                            written by a newer longrun-dagster
     ├── UnsupportedOutput            (TypeError)   an object no format can store without pickle
+    ├── IncompleteCommit                           a commit's rows do not match its ledger
     ├── ValidationFailed                           a stage's output is over its bad-row budget
     │                                              (raised as a dagster.Failure subclass)
     ├── Preempted                                  SIGTERM: checkpointed and stopped
@@ -75,6 +76,15 @@ class CorruptObject(StorageError):
 
 class UnsupportedOutput(LongrunError, TypeError):
     """An output type that cannot be stored without pickle."""
+
+
+class IncompleteCommit(LongrunError):
+    """A partition's output does not hold every batch of its ledger exactly once, or holds
+    other rows than the ledger says: nothing was committed."""
+
+    def __init__(self, message: str, *, missing_batches: list[int]) -> None:
+        super().__init__(message)
+        self.missing_batches = missing_batches
 
 
 class ValidationFailed(LongrunError):

@@ -421,6 +421,7 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
         outcome.output,
         extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
         metadata={k: v for k, v in meta.items() if k != "failure_sample"},
+        ledger=outcome.ledger, one_row_per_input=spec.one_row_per_input,
     )
     if isinstance(result, Reused):
         return _reused(attempt, result.manifest, context)
@@ -491,7 +492,12 @@ def _read_upstream(spec: StageSpec, partitions: PartitionStore,
             )
         frames.append(partitions.read_object(spec.upstream.path, key, stored,
                                              decode=parquet.loads))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    # an upstream's own index (a doc_id) reaches the model; positions are renumbered
+    joined: pd.DataFrame = pd.concat(
+        frames, ignore_index=all(isinstance(f.index, pd.RangeIndex) for f in frames))
+    return joined
 
 
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,

@@ -33,6 +33,8 @@ class Report:
     failure_cases: pd.DataFrame
     """pandera's failure cases: ``column``, ``check``, ``failure_case``, ``index`` (the row
     number; missing for a failure of the whole frame)."""
+    valid_rows: pd.Index | None = None
+    """The row numbers of ``valid``'s rows (None where no frame was validated)."""
 
     @property
     def rows_checked(self) -> int:
@@ -49,12 +51,14 @@ class Report:
 
 
 def as_schema(schema: Schema) -> pa.DataFrameSchema:
-    """A DataFrameSchema from a DataFrameSchema or a DataFrameModel class."""
+    """A DataFrameSchema from a DataFrameSchema or a DataFrameModel class; ``ConfigError``
+    for one that drops invalid rows (pandera's ``drop_invalid_rows``), which would make
+    bad rows vanish instead of being quarantined and counted against the budget."""
     if isinstance(schema, pa.DataFrameSchema):
-        return schema
+        return _no_dropping(schema)
     if isinstance(schema, type) and issubclass(schema, DataFrameModel):
         converted: pa.DataFrameSchema = schema.to_schema()
-        return converted
+        return _no_dropping(converted)
     raise ConfigError(
         f"schema = {schema!r} is wrong: it must be a pandera DataFrameSchema or a "
         "DataFrameModel subclass (the class, not an instance); import pandera.pandas as pa "
@@ -62,13 +66,27 @@ def as_schema(schema: Schema) -> pa.DataFrameSchema:
     )
 
 
+def _no_dropping(schema: pa.DataFrameSchema) -> pa.DataFrameSchema:
+    dropping = [f"column {name!r}" for name, column in schema.columns.items()
+                if getattr(column, "drop_invalid_rows", False)]
+    if getattr(schema, "drop_invalid_rows", False):
+        dropping.insert(0, "the schema")
+    if dropping:
+        raise ConfigError(
+            f"schema {schema.name or ''!s}: {', '.join(dropping)} set drop_invalid_rows=True, "
+            "which makes pandera drop invalid rows without a word. A stage quarantines "
+            "invalid rows itself (with their failure cases, counted against "
+            "max_bad_fraction): remove drop_invalid_rows (or set it False)")
+    return schema
+
+
 def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int = 0) -> Report:
     """Split ``frame`` into valid and quarantined rows, numbering its rows from
     ``first_row``."""
     frame = _numbered(frame, first_row)
     try:
-        return Report(_valid(schema.validate(frame, lazy=True), schema), empty_quarantine(),
-                      no_cases())
+        checked = schema.validate(frame, lazy=True)
+        return Report(_valid(checked, schema), empty_quarantine(), no_cases(), checked.index)
     except pa.errors.SchemaErrors as exc:
         cases = _cases(exc.failure_cases)
     bad = _bad_rows(cases, frame.index)
@@ -78,7 +96,7 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int 
     except pa.errors.SchemaErrors as exc:  # a frame-wide check (unique, ...) still fails
         cases = pd.concat([cases, _cases(exc.failure_cases)], ignore_index=True)
         bad, valid = set(frame.index), good.iloc[0:0]
-    return Report(_valid(valid, schema), _quarantine(frame, bad, cases), cases)
+    return Report(_valid(valid, schema), _quarantine(frame, bad, cases), cases, valid.index)
 
 
 def reject_all(frame: pd.DataFrame, schema: pa.DataFrameSchema, column: str, check: str,

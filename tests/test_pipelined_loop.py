@@ -30,8 +30,9 @@ from longrun_dagster.batches import (
     Outcome,
     StageHook,
     StageRun,
-    _added,
-    _normalised,
+    _cases,
+    _no_failures,
+    _quarantine,
 )
 from longrun_dagster.checkpoint import Checkpointer
 from longrun_dagster.errors import Preempted, SegmentEnded
@@ -99,18 +100,13 @@ def test_quarantine_under_the_pipelined_loop(tmp_path: Path) -> None:
     assert len(outcome.output) == 59 and 34 not in set(outcome.output.n)
 
 
-def test_cached_empty_frames_are_the_bytes_built_per_batch() -> None:
-    """A clean batch reuses one normalised empty quarantine and failure-case frame; they
-    must be byte-identical (dtypes, index, Arrow metadata) to the ones each batch built."""
+def test_cached_empty_tables_are_the_tables_built_per_batch() -> None:
+    """A clean batch reuses one empty quarantine and failure-case table; they must equal
+    (types, metadata) the ones each batch built."""
     clean = Report(pd.DataFrame(), empty_quarantine(), no_cases())
-    quarantine = clean.quarantined.reset_index()
-    quarantine.insert(0, "batch", 7)
-    cases = clean.failure_cases.assign(batch=7)
-    cases["index"] = pd.to_numeric(cases["index"], errors="coerce").astype("float64")
-    added = _added(7, clean)
-    assert same_bytes(added["quarantine"], _normalised(quarantine))
-    assert same_bytes(added["cases"], _normalised(cases))
-    assert added["quarantine"].dtypes.to_dict() == _normalised(quarantine).dtypes.to_dict()
+    quarantine, cases = _no_failures()
+    assert quarantine.equals(_quarantine(7, clean), check_metadata=True)
+    assert cases.equals(_cases(7, clean), check_metadata=True)
 
 
 # -- what hooks see --------------------------------------------------------------------

@@ -25,6 +25,23 @@ def dumps(frame: pd.DataFrame) -> memoryview:
         return memoryview(sink.getvalue())
 
 
+def dumps_table(table: pa.Table) -> memoryview:
+    """Parquet bytes of an Arrow table (its types and schema metadata kept)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy", write_statistics=True,
+                   use_dictionary=_dictionary_columns(table.schema))
+    return memoryview(sink.getvalue())
+
+
+def loads_table(data: bytes | memoryview) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def rows(data: bytes | memoryview) -> int:
+    """The number of rows in Parquet bytes (read from the footer only)."""
+    return int(pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows)
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Dictionary-encode only text-like columns: on floats (embeddings, scores) pyarrow's
     default tries a dictionary first and writes ~7x slower for nothing (bench/io.py)."""
