@@ -1,7 +1,7 @@
 """Per-step overheads of a model stage: checkpoints, heartbeats, the VRAM guard.
 
     python bench/overheads.py [--batches 200] [--step-ms 10] [--pipeline-steps 10 50]
-                              [--ablate]
+                              [--ablate] [--stage]
 
 Runs the stage's batch loop (no Dagster) over ``--batches`` batches of 256 rows whose
 output is a 384-float embedding per row, each batch taking ``--step-ms`` of simulated GPU
@@ -14,9 +14,14 @@ best of ``--repeat`` runs, interleaved so that other load hits all three alike. 
 cost per call of ``Watchdog.progress`` (heartbeat) and ``VramGuard.step`` (host backend).
 
 ``--ablate`` adds a what-if table at the first of ``--pipeline-steps``: the pipelined loop
-with pandera validation, the Arrow normalisation, or both swapped for no-ops (patched in
-this process only; the output is then not what the product writes). It says how far the
-loop could get with either made free, and so where the ceiling is on this machine.
+with pandera validation or the loop's snapshot of fn's output swapped for no-ops (patched
+in this process only; the output is then not what the product guarantees). It says how
+far the loop could get with either made free, and so where the ceiling is on this machine.
+
+``--stage`` measures as a user meets it: the same workload as a ``model_stage`` through
+``dg.materialize`` (its upstream already committed), wall from the first model call to
+the asset check's verdict, shipped and with the snapshot or the commit's ledger check made
+free (the code before issue 23 had neither), interleaved, best of ``--repeat``.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +40,6 @@ from common import best
 import longrun_dagster.batches as batches_module
 from longrun_dagster.batches import BatchLoop, Cadence
 from longrun_dagster.checkpoint import Checkpointer
-from longrun_dagster.formats import parquet
 from longrun_dagster.gpu import Thresholds, VramGuard, choose_backend
 from longrun_dagster.heartbeat import Watchdog
 from longrun_dagster.storage import LocalStore
@@ -97,28 +102,102 @@ def pipeline_table(frame: pd.DataFrame, steps_ms: list[float], repeat: int) -> N
 
 
 def ablation_table(frame: pd.DataFrame, step_ms: float, repeat: int) -> None:
-    """The pipelined loop with validation and/or normalisation made free (no-ops)."""
+    """The pipelined loop with validation and/or the snapshot made free (no-ops)."""
     batches, step = -(-len(frame) // 256), step_ms / 1000
-    validate, normalised = batches_module.validate, parquet.normalised
+    validate, snapshot = batches_module.validate, batches_module._snapshot
 
     def unchecked(out: pd.DataFrame, schema: object, first_row: int = 0) -> Report:
         return Report(out, empty_quarantine(), no_cases())
 
-    variants = {"as shipped": (validate, normalised), "no validation": (unchecked, normalised),
-                "no normalisation": (validate, lambda f: f), "neither": (unchecked, lambda f: f)}
+    def same(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame
+
+    variants = {"as shipped": (validate, snapshot), "no snapshot": (validate, same),
+                "no validation": (unchecked, snapshot), "neither": (unchecked, same)}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ["bare", *variants]}
     try:
         for _ in range(repeat):
             runs["bare"].append(cpu_and_wall(partial(run_bare, frame, step)))
-            for name, (batches_module.validate, parquet.normalised) in variants.items():
+            for name, (batches_module.validate, batches_module._snapshot) in variants.items():
                 runs[name].append(cpu_and_wall(partial(run_loop, frame, 10, step, True)))
     finally:
-        batches_module.validate, parquet.normalised = validate, normalised
+        batches_module.validate, batches_module._snapshot = validate, snapshot
     print(f"what-if, pipelined loop at {step_ms:.0f} ms, best of {repeat} interleaved "
           "(model time / wall, process CPU ms per batch):")
     for name, results in runs.items():
         cpu, wall = min(results, key=lambda r: r[1])
         print(f"  {name:<17} {batches * step / wall:>5.2f} {cpu / batches * 1e3:>6.1f}")
+
+
+def stage_table(batches: int, step_ms: float, repeat: int) -> None:
+    """The workload as a model stage through dg.materialize: first model call to verdict,
+    shipped and with the snapshot or the ledger check made free, interleaved."""
+    import dagster as dg
+
+    from longrun_dagster import AtomicObjectStoreIOManager, StageContext, model_stage
+    from longrun_dagster.ledger import Ledger
+
+    step = step_ms / 1000
+    calls: list[float] = []
+    part = dg.StaticPartitionsDefinition(["p"])
+
+    @dg.asset(partitions_def=part)
+    def ids() -> pd.DataFrame:
+        return pd.DataFrame({"id": [f"r{i}" for i in range(batches * 256)]})
+
+    @model_stage(upstream=ids, schema=SCHEMA, partitions_def=part, batch_size=256,
+                 checkpoint_every_batches=10, checkpoint_every_seconds=1e9)
+    def embedded(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+        calls.append(time.perf_counter())
+        return embedder(step)(batch, stage.batch_index)
+
+    def once(tmp: str, run: int) -> float:
+        calls.clear()
+        io = AtomicObjectStoreIOManager(base_uri=f"file://{tmp}/lr{run}")
+        instance = dg.DagsterInstance.ephemeral()
+        resources = {"io_manager": io}
+        assert dg.materialize([ids], partition_key="p", resources=resources,
+                              instance=instance).success
+        result = dg.materialize([ids, embedded], selection=[embedded], partition_key="p",
+                                resources=resources, instance=instance)
+        [check] = result.get_asset_check_evaluations()
+        verdict = next(e.timestamp for e in instance.all_logs(result.run_id)
+                       if e.dagster_event is not None
+                       and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION")
+        assert check.passed and len(calls) == batches
+        return _wall_to_verdict(calls[0], verdict)
+
+    snapshot, verify = batches_module._snapshot, Ledger.verify_commit
+    variants: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        "as shipped": (snapshot, verify),
+        "no snapshot": (lambda f: f, verify),
+        "no ledger check": (snapshot, lambda self, **kw: None),
+        "neither (pre-#23)": (lambda f: f, lambda self, **kw: None),
+    }
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = 0
+        try:
+            for _ in range(repeat):
+                for name, (batches_module._snapshot, patched) in variants.items():
+                    Ledger.verify_commit = patched  # type: ignore[method-assign]
+                    run += 1
+                    walls[name].append(once(tmp, run))
+        finally:
+            batches_module._snapshot = snapshot
+            Ledger.verify_commit = verify  # type: ignore[method-assign]
+    model = batches * step
+    shipped = min(walls["as shipped"])
+    print(f"model_stage through dg.materialize, {batches} batches x {step_ms:.0f} ms, "
+          f"first model call to the check's verdict, best of {repeat} interleaved:")
+    for name, got in walls.items():
+        print(f"  {name:<18} {min(got):>6.2f} s  model/wall {model / min(got):>5.2f}  "
+              f"shipped costs {(shipped - min(got)) / shipped:>+6.1%}")
+
+
+def _wall_to_verdict(first_call_perf: float, verdict_epoch: float) -> float:
+    """Seconds from a ``perf_counter`` instant to an epoch timestamp (Dagster's events)."""
+    return verdict_epoch - (time.time() - (time.perf_counter() - first_call_perf))
 
 
 def cpu_and_wall(fn: Callable[[], object]) -> tuple[float, float]:
@@ -136,7 +215,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ablate", action="store_true",
                         help="also run the pipelined loop with validation and/or "
-                             "normalisation made free (what-if)")
+                             "the snapshot made free (what-if)")
+    parser.add_argument("--stage", action="store_true",
+                        help="also run the workload as a model_stage through "
+                             "dg.materialize, with and without the snapshot and the "
+                             "ledger check (issue 23)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = args.batches * 256
@@ -154,6 +237,8 @@ def main() -> None:
     pipeline_table(frame, args.pipeline_steps, args.repeat)
     if args.ablate:
         ablation_table(frame, args.pipeline_steps[0], args.repeat)
+    if args.stage:
+        stage_table(args.batches, args.pipeline_steps[0], args.repeat)
     dog = Watchdog(lambda at, c: None, interval=30, stall_timeout=900, enforce=False)
     per = best(lambda: [dog.progress(batches_done=i) for i in range(10000)]) / 10000
     print(f"heartbeat progress(): {per * 1e6:.2f} us/step ({per / step:.4%} of a step)")

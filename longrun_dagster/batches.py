@@ -530,14 +530,26 @@ def _snapshot(frame: pd.DataFrame) -> pd.DataFrame:
     copied = frame.copy(deep=True)
     for position, dtype in enumerate(copied.dtypes):
         if dtype == np.dtype(object):
-            column = copied.iloc[:, position]
-            if not all(type(v) in _IMMUTABLE for v in column):
-                copied.isetitem(position, column.map(_owned).to_numpy(dtype=object))
+            cells = copied.iloc[:, position].to_numpy()
+            if not all(type(v) in _IMMUTABLE for v in cells):
+                copied.isetitem(position, _owned_cells(cells))
     return copied
 
 
-def _owned(value: Any) -> Any:
-    return value if type(value) in _IMMUTABLE else copy.deepcopy(value)
+def _owned_cells(cells: np.ndarray) -> np.ndarray:
+    """Object cells that share no mutable memory with ``cells``: rows of one embedding
+    matrix (ndarrays of one shape and dtype) are stacked into one new buffer in one copy,
+    anything else is deep copied cell by cell."""
+    owned = np.empty(len(cells), dtype=object)
+    first = cells[0] if len(cells) else None
+    if type(first) is np.ndarray and first.ndim and first.dtype != object and all(
+            type(v) is np.ndarray and v.shape == first.shape and v.dtype == first.dtype
+            for v in cells):
+        matrix = np.concatenate(list(cells)).reshape(len(cells), *first.shape)
+        owned[:] = list(matrix)
+    else:
+        owned[:] = [v if type(v) in _IMMUTABLE else copy.deepcopy(v) for v in cells]
+    return owned
 
 
 class _on_sigterm:

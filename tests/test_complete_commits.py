@@ -124,6 +124,25 @@ def test_output_that_aliases_a_reused_buffer_commits_each_batch_own_values(
     assert [list(p) for p in outcome.output.pair] == want
 
 
+def reused_matrix_model() -> BatchFn:
+    staging = np.zeros((2, 3), dtype=np.float32)  # a pinned staging matrix, refilled
+
+    def fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+        staging[:len(batch)] = index
+        return pd.DataFrame({"id": batch.id.to_numpy(),
+                             "embedding": list(staging[:len(batch)])})
+
+    return fn
+
+
+def test_embedding_rows_that_view_a_reused_matrix_commit_each_batch_own_values(
+    tmp_path: Path
+) -> None:
+    schema = pa.DataFrameSchema({"id": pa.Column(str), "embedding": pa.Column(object)})
+    outcome = loop(LocalStore(tmp_path), reused_matrix_model(), ROWS, schema)
+    assert [list(e) for e in outcome.output.embedding] == [[i // 2] * 3 for i in range(24)]
+
+
 # -- 4. dtypes do not depend on where an attempt was interrupted --------------------------
 
 
