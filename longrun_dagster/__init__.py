@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from longrun_dagster.errors import ConfigError as ConfigError
     from longrun_dagster.errors import CorruptObject as CorruptObject
     from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
+    from longrun_dagster.errors import IncompleteCommit as IncompleteCommit
     from longrun_dagster.errors import LeaseLost as LeaseLost
     from longrun_dagster.errors import LongrunError as LongrunError
     from longrun_dagster.errors import NewerFormat as NewerFormat
