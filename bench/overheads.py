@@ -154,7 +154,7 @@ def stage_table(batches: int, step_ms: float, repeat: int) -> None:
     def once(tmp: str, run: int) -> float:
         calls.clear()
         io = AtomicObjectStoreIOManager(base_uri=f"file://{tmp}/lr{run}")
-        instance = dg.DagsterInstance.ephemeral()
+        instance = dg.DagsterInstance.local_temp(tempdir=f"{tmp}/dagster{run}")
         resources = {"io_manager": io}
         assert dg.materialize([ids], partition_key="p", resources=resources,
                               instance=instance).success

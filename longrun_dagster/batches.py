@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -531,9 +532,30 @@ def _snapshot(frame: pd.DataFrame) -> pd.DataFrame:
     for position, dtype in enumerate(copied.dtypes):
         if dtype == np.dtype(object):
             cells = copied.iloc[:, position].to_numpy()
-            if not all(type(v) in _IMMUTABLE for v in cells):
+            if not all(type(v) in _IMMUTABLE for v in cells) and not _unshared_rows(cells):
                 copied.isetitem(position, _owned_cells(cells))
     return copied
+
+
+_ROW_REFS = 4
+"""References to a row view that only the two frames hold: the model's frame's object
+array, the copy's, and (while it is counted) the loop's variable and the call's argument."""
+
+
+def _unshared_rows(cells: np.ndarray) -> bool:
+    """True when the cells are views of one array that owns its memory and nothing else
+    references (not the model, not another view), and nothing but the two frames
+    references each view: then nothing can write to them any more and they need no copy.
+    The common case, ``list(model(batch).numpy())``, costs a pass over the cells instead
+    of a copy of the matrix; any other holder shows in a reference count and copies."""
+    base = getattr(cells[0], "base", None) if len(cells) else None
+    if type(base) is not np.ndarray or not base.flags.owndata:
+        return False
+    for cell in cells:
+        if type(cell) is not np.ndarray or cell.base is not base or \
+                sys.getrefcount(cell) > _ROW_REFS:
+            return False
+    return sys.getrefcount(base) == len(cells) + 2  # each view's, and this call's two
 
 
 def _owned_cells(cells: np.ndarray) -> np.ndarray:

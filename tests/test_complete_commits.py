@@ -2,6 +2,7 @@
 rows, their dtypes and index, and the run's outcome. Every test here failed on the main
 before the ledger (DESIGN.md, "A commit that proves itself")."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +136,41 @@ def reused_matrix_model() -> BatchFn:
     return fn
 
 
-def test_embedding_rows_that_view_a_reused_matrix_commit_each_batch_own_values(
-    tmp_path: Path
+def held_rows_model() -> BatchFn:
+    rows = list(np.zeros((2, 3), dtype=np.float32))  # keeps the row views, not the matrix
+
+    def fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+        for row in rows:
+            row[:] = index
+        return pd.DataFrame({"id": batch.id.to_numpy(), "embedding": rows[:len(batch)]})
+
+    return fn
+
+
+def borrowed_buffer_model() -> BatchFn:
+    memory = bytearray(2 * 3 * 4)  # the matrix's memory is a buffer the model refills
+
+    def fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+        matrix = np.frombuffer(memory, dtype=np.float32).reshape(2, 3)
+        matrix[:] = index
+        return pd.DataFrame({"id": batch.id.to_numpy(),
+                             "embedding": list(matrix[:len(batch)])})
+
+    return fn
+
+
+def fresh_rows_model(batch: pd.DataFrame, index: int) -> pd.DataFrame:
+    matrix = np.full((len(batch), 3), index, dtype=np.float32)  # fresh each call
+    return pd.DataFrame({"id": batch.id.to_numpy(), "embedding": list(matrix)})
+
+
+@pytest.mark.parametrize("make", [reused_matrix_model, held_rows_model,
+                                  borrowed_buffer_model, lambda: fresh_rows_model])
+def test_embedding_rows_commit_each_batch_own_values_however_the_model_holds_them(
+    tmp_path: Path, make: Callable[[], BatchFn]
 ) -> None:
     schema = pa.DataFrameSchema({"id": pa.Column(str), "embedding": pa.Column(object)})
-    outcome = loop(LocalStore(tmp_path), reused_matrix_model(), ROWS, schema)
+    outcome = loop(LocalStore(tmp_path), make(), ROWS, schema)
     assert [list(e) for e in outcome.output.embedding] == [[i // 2] * 3 for i in range(24)]
 
 
