@@ -26,6 +26,7 @@ free (the code before issue 23 had neither), interleaved, best of ``--repeat``.
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -154,6 +155,7 @@ def stage_table(batches: int, step_ms: float, repeat: int) -> None:
     def once(tmp: str, run: int) -> float:
         calls.clear()
         io = AtomicObjectStoreIOManager(base_uri=f"file://{tmp}/lr{run}")
+        os.makedirs(f"{tmp}/dagster{run}")
         instance = dg.DagsterInstance.local_temp(tempdir=f"{tmp}/dagster{run}")
         resources = {"io_manager": io}
         assert dg.materialize([ids], partition_key="p", resources=resources,
