@@ -350,9 +350,9 @@ class BatchLoop:
 
     def _added(self, index: int, report: Report, labels: pd.Index) -> dict[str, pyarrow.Table]:
         """Batch ``index``'s tables as the loop keeps (and checkpoints) them; the valid rows
-        keep the labels of the model's output index unless it is a ``RangeIndex``."""
+        keep the labels of the model's output index where ``_kept_index`` says so."""
         valid = report.valid
-        if not isinstance(labels, pd.RangeIndex) and report.valid_rows is not None:
+        if _kept_index(labels) and report.valid_rows is not None:
             valid = valid.set_axis(labels[report.valid_rows - (self._rows_out)], axis="index")
         if report.clean:
             quarantine, cases = _no_failures()
@@ -485,6 +485,16 @@ class BatchLoop:
         except Exception as exc:  # noqa: BLE001 - exiting anyway
             self.log.error(f"{self.name}: could not checkpoint (SIGTERM grace period): {exc}")
         os._exit(143)
+
+
+def _kept_index(labels: pd.Index) -> bool:
+    """Whether the output keeps ``fn``'s index: a named one, or one whose labels are not
+    integers (document ids). An unnamed integer index (a ``RangeIndex``, or the positions
+    a filter such as ``batch[mask]`` keeps of a default index) becomes a plain 0..n-1,
+    decided by the index's type and name, never by its values (pandas turns an evenly
+    spaced selection of a ``RangeIndex`` into a ``RangeIndex``)."""
+    return any(name is not None for name in labels.names) or \
+        not pd.api.types.is_integer_dtype(labels.dtype)
 
 
 _QUARANTINE_TYPES = {"batch": pyarrow.int64(), "position": pyarrow.int64(),

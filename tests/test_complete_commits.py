@@ -273,3 +273,30 @@ def test_an_upstream_index_reaches_fn_and_the_committed_output(tmp_path: Path) -
     assert list(out.index) == ["d7", "d3", "d9", "d1", "d5"]
     assert out.index.name == "doc_id"
     assert list(out.length) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("keep", [
+    lambda b: b.x % 2 == 0,  # evenly spaced: pandas makes the selection a RangeIndex
+    lambda b: b.x % 3 != 0,  # irregular: an integer Index
+    lambda b: b.x < 0,  # nothing
+])
+def test_a_filter_over_a_default_index_commits_a_plain_index_whatever_it_keeps(
+    tmp_path: Path, keep: Callable[[pd.DataFrame], pd.Series]
+) -> None:
+    frame = pd.DataFrame({"x": np.arange(10, dtype="int64")})
+    schema = pa.DataFrameSchema({"x": pa.Column("int64")})
+    outcome = loop(LocalStore(tmp_path), lambda b, i: b[keep(b)], frame, schema,
+                   batch_size=4, one_row_per_input=False)
+    want = frame[keep(frame)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(outcome.output, want)
+    assert isinstance(outcome.output.index, pd.RangeIndex)
+
+
+def test_a_filter_over_labelled_rows_keeps_their_labels(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"x": np.arange(10, dtype="int64")},
+                         index=pd.Index([f"d{i}" for i in range(10)], name="doc_id"))
+    schema = pa.DataFrameSchema({"x": pa.Column("int64")})
+    outcome = loop(LocalStore(tmp_path), lambda b, i: b[b.x % 2 == 0], frame, schema,
+                   batch_size=4, one_row_per_input=False)
+    assert list(outcome.output.index) == ["d0", "d2", "d4", "d6", "d8"]
+    assert outcome.output.index.name == "doc_id"
