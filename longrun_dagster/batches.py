@@ -72,6 +72,10 @@ class StageRun:
     """The stage's asset key, as "a/b"."""
     still_holds: Callable[[], bool] | None = None
     """Whether this attempt's claim is still the partition's (one read of the store)."""
+    generation: int = 0
+    """The claim generation this attempt holds (0: none)."""
+    stopped_by: BaseException | None = None
+    """What ended the loop early (None: it finished), for ``on_end``."""
 
 
 class StageHook(Protocol):
@@ -190,8 +194,8 @@ class BatchLoop:
                  one_row_per_input: bool = True, need_vram_bytes: int | None = None,
                  asset: str = "", setup: Callable[[], None] | None = None,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-                 pipelined: bool = True, still_holds: Callable[[], bool] | None = None
-                 ) -> None:
+                 pipelined: bool = True, still_holds: Callable[[], bool] | None = None,
+                 generation: int = 0) -> None:
         self.fn, self.frame, self.batch_size = fn, frame, batch_size
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
@@ -202,7 +206,7 @@ class BatchLoop:
         total = self.ledger.plan.batches
         self.progress = Progress(batches_total=total, rows_total=len(self.frame))
         self.run_info = StageRun(name, self.progress, self.log, need_vram_bytes, asset,
-                                 still_holds)
+                                 still_holds, generation)
         self._frames: dict[str, list[pyarrow.Table]] = {VALID: [], QUARANTINE: [], CASES: []}
         self._pending = 0  # batches done since the last checkpoint
         self._rows_out = 0  # output rows (valid and quarantined) of the batches done
@@ -229,7 +233,8 @@ class BatchLoop:
             try:
                 self._start()
                 self._loop()
-            except BaseException:
+            except BaseException as exc:
+                self.run_info.stopped_by = exc
                 self._save_completed("interrupted")  # lose no completed batch
                 raise
             finally:

@@ -19,8 +19,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from longrun_dagster.recovery import ProcessIdentity
 
 EXIT_STALLED = 70  # EX_SOFTWARE: the process ended itself because it stopped progressing
@@ -42,11 +40,20 @@ def _kernel() -> tuple[str, str]:
     return _read("/proc/sys/kernel/random/boot_id"), _read("/proc/self/ns/pid", readlink=True)
 
 
+def start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22),
+    as ``t<ticks>``: no wall-clock step moves it (psutil's ``create_time`` moves with
+    ``btime``). "" where there is no ``/proc`` (then nothing is ever signalled)."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+    return f"t{fields[19]}" if len(fields) > 19 and fields[19].isdigit() else ""
+
+
 def current_process(pid: int | None = None) -> ProcessIdentity:
     """This process (or ``pid`` in this pid namespace), named for ``recovery.Beat``."""
     pid = os.getpid() if pid is None else pid
     boot, ns = _kernel()
-    return ProcessIdentity(socket.gethostname(), pid, boot, ns, psutil.Process(pid).create_time())
+    return ProcessIdentity(socket.gethostname(), pid, boot, ns, start_ticks(pid))
 
 
 def thread_stacks() -> str:

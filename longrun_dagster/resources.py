@@ -8,8 +8,9 @@ from pydantic import Field, PrivateAttr
 
 from longrun_dagster import tags
 from longrun_dagster.batches import StageRun
+from longrun_dagster.errors import GpuMemoryExceeded, Preempted, SegmentEnded, StorageError
 from longrun_dagster.gpu import Thresholds, VramGuard, choose_backend
-from longrun_dagster.recovery import Beat
+from longrun_dagster.recovery import Beat, State
 
 WORKING = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
 """Run statuses in which a stage process keeps working (CANCELING asks it to stop)."""
@@ -105,24 +106,28 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
     _instance: Any = PrivateAttr(default=None)
     _run_id: str | None = PrivateAttr(default=None)
     _dog: Any = PrivateAttr(default=None)
-    _ended: bool = PrivateAttr(default=False)
+    _state: Any = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._instance = context.instance
         self._run_id = context.run.run_id if context.run else None
 
     def on_prepare(self, run: StageRun) -> None:
-        """Start watching before the model loads: a hang there is a stall too (and in a
-        multi-step run the previous stage's last beat says "ended" until this one beats)."""
+        """Start watching before the model loads: a hang there is a stall too. The beat is
+        this step's own tag (``longrun/heartbeat/<asset>``): a parallel stage of the same
+        run is judged by its own."""
         from longrun_dagster.heartbeat import Watchdog, current_process
 
         process, total = current_process(), run.progress.batches_total
-        self._ended = False
+        self._state = State.WORKING
+        key = tags.heartbeat_key(run.asset or run.name)
 
         def publish(at: float, counters: dict[str, Any]) -> None:
             done = counters.get("batches_done", run.progress.batches_done)
-            self._tag({HEARTBEAT_TAG: Beat(at, done, total, process, self._ended).encode()},
-                      {tags.PROGRESS: f"{run.name}: {run.progress.summary(self._ended)}"})
+            beat = Beat(at, done, total, process, self._state, run.generation)
+            self._tag({key: beat.encode()},
+                      {tags.PROGRESS: f"{run.name}: "
+                                      f"{run.progress.summary(self._state != State.WORKING)}"})
 
         def stalled(stacks: str, silent_for: float) -> None:
             run.log.error(f"{run.name}: no progress for {silent_for:.0f}s (stall timeout "
@@ -136,27 +141,33 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
                           "run's now, and this one must not hold the device)")
             self._tag({tags.SUPERSEDED: reason})
 
-        # what a re-execution inherited from its parent is not this run's progress
-        self._tag({}, {tags.PROGRESS: f"{run.name}: starting"})
         self._dog = Watchdog(publish, interval=self.interval_seconds,
                              stall_timeout=self.stall_timeout_seconds,
                              enforce=self.watchdog, on_stall=stalled,
                              check=lambda: self._superseded(run), on_superseded=superseded)
-        self._dog.start()
+        self._dog.start()  # a failed first write is retried at the next tick, never raised
 
     def _superseded(self, run: StageRun) -> str | None:
         """Why this process's work is no longer its own, or None: its run is no longer live
-        (the sensor or a user ended it) or another attempt claimed its partition."""
+        (the sensor or a user ended it) or another attempt claimed its partition. The claim
+        is checked even when the run database cannot be read (a zombie cut off from it
+        still ends itself once its partition is claimed elsewhere)."""
+        unreadable: Exception | None = None
         if self._instance is not None and self._run_id is not None:
-            record = self._instance.get_run_by_id(self._run_id)
+            try:
+                record = self._instance.get_run_by_id(self._run_id)
+            except Exception as exc:  # noqa: BLE001 - a database blip proves nothing
+                record, unreadable = None, exc
             if record is not None and record.status.value not in WORKING:
                 return f"its run {self._run_id} is {record.status.value}"
         if run.still_holds is not None and not run.still_holds():
             return "another attempt claimed its partition"
+        if unreadable is not None:
+            raise unreadable  # counted by the watchdog; the stall timeout still applies
         return None
 
     def on_start(self, run: StageRun) -> None:
-        if self._dog is None or self._ended:
+        if self._dog is None or self._state != State.WORKING:
             self.on_prepare(run)
 
     def on_batch(self, run: StageRun) -> None:
@@ -166,12 +177,12 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
         if self._dog is None:
             return {}
         # Under the multiprocess executor this step's process exits while the run goes on
-        # (the next step waiting for its pool, or a plain asset): say so in the last beat,
-        # or the sensor reads the exited pid as a dead run and kills a healthy one.
-        self._ended = True
+        # (the next step waiting for its pool, or a plain asset): say how it ended in its
+        # last beat. Preempted is never "ended": the sensor relaunches it.
+        self._state = stop_state(run.stopped_by)
         failed = self._dog.failed_publishes
         self._dog.stop()  # publishes once more
-        for delay in (0.5, 1.0):  # a busy instance DB: this beat matters, try again
+        for delay in (0.5, 1.0, 2.0):  # a busy instance DB: this beat matters, try again
             if self._dog.failed_publishes == failed:
                 break
             failed = self._dog.failed_publishes
@@ -186,3 +197,20 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
             owned = {k: tags.mark(self._run_id, v) for k, v in values.items()}
             self._instance.add_run_tags(self._run_id, {**owned, **(plain or {}),
                                                        RUN_ID_TAG: self._run_id})
+
+
+def stop_state(exc: BaseException | None) -> State:
+    """What a stage step's last beat says, from what stopped its loop: nothing (ended), an
+    interrupt (preempted), an error another attempt may not meet (error), or its own code
+    (failed: not relaunched)."""
+    if exc is None:
+        return State.ENDED
+    if isinstance(exc, Preempted | SegmentEnded | KeyboardInterrupt | SystemExit) or \
+            type(exc).__name__ in INTERRUPTS:
+        return State.PREEMPTED
+    if isinstance(exc, StorageError | GpuMemoryExceeded | OSError | MemoryError):
+        return State.ERROR
+    return State.FAILED
+
+
+INTERRUPTS = ("DagsterExecutionInterruptedError",)

@@ -414,7 +414,8 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
     _tag_stage_run(context, spec)
     frame = _read_upstream(spec, partitions, inputs)
     ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs), log=context.log)
-    outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds)
+    outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds,
+                        claimed.claim.generation)
     meta = _stage_metadata(outcome, time.monotonic() - started)
     check = _judge(spec, meta, partition)
     result = attempt.commit(
@@ -502,7 +503,8 @@ def _read_upstream(spec: StageSpec, partitions: PartitionStore,
 
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
               ckpt: Checkpointer, model: _ModelOnce, context: dg.AssetExecutionContext,
-              still_holds: Callable[[], bool] | None = None) -> Outcome:
+              still_holds: Callable[[], bool] | None = None, generation: int = 0
+              ) -> Outcome:
     hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
 
     def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
@@ -518,7 +520,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      one_row_per_input=spec.one_row_per_input,
                      need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string(),
                      setup=setup if spec.setup is not None else None,
-                     still_holds=still_holds)
+                     still_holds=still_holds, generation=generation)
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:

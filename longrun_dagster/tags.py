@@ -15,9 +15,11 @@ STAGE_RUN = "longrun/stage_run"
 ASSETS = "longrun/assets"
 """The stage assets a run computed, comma-separated (for relaunching it)."""
 HEARTBEAT = "longrun/heartbeat"
-"""One ``recovery.Beat``: the time of the last progress, batches done of the total, the
-process doing the work (host, pid, boot id, pid namespace, start time), and ``ended`` once
-the stage step is over (its process may exit while the run goes on with other steps)."""
+"""``longrun/heartbeat/<asset>``: one ``recovery.Beat`` per stage step (parallel steps of
+one run are judged apart): the time of the last progress, batches done of the total, the
+process doing the work (host, pid, boot id, pid namespace, start ticks), the step's state
+(working, ``ended``, ``preempted``, ``failed``, ``error``) and the claim generation it holds.
+0.2 wrote one ``longrun/heartbeat`` for the whole run; it still reads, as a step of its own."""
 HEARTBEAT_ENDED = "ended"
 PROGRESS = "longrun/progress"
 """For people, in the UI's runs list: the stage, its partition and how far it is, e.g.
@@ -44,9 +46,15 @@ materialize (a schedule's run has no asset selection; its downstream assets coun
 SUPERSEDED = "longrun/superseded"
 """Why the run's watchdog ended its process: the run was no longer live, or another attempt
 claimed its partition."""
+ENDING = "longrun/ending"
+"""Why the sensor ended the run (written before its terminate)."""
+GAVE_UP = "longrun/gave_up"
+"""Why the sensor does not relaunch the run's partitions (its code raised, a person
+canceled it, or the retry budget is spent)."""
 RUN_ID = "longrun/run_id"
 """The run the life tags below were written for."""
-LIFE = (HEARTBEAT, STALLED, CONTINUATION, HANDLED, DECIDED_AT, SELECTION, SUPERSEDED, RUN_ID)
+LIFE = (HEARTBEAT, STALLED, CONTINUATION, HANDLED, DECIDED_AT, SELECTION, SUPERSEDED, ENDING,
+        GAVE_UP, RUN_ID)
 WILL_RETRY = "dagster/will_retry"
 """Set by Dagster on a failed run: whether its run retries will re-execute it."""
 MAX_RETRIES = "dagster/max_retries"
@@ -68,10 +76,9 @@ def own(tags: Mapping[str, str], run_id: str, parent_run_id: str | None) -> Mapp
     """``tags`` with the life tags of this run only (their values without the owner); the
     ones a re-execution inherited from its parent run are dropped."""
     legacy_owner = tags.get(RUN_ID) or (None if parent_run_id else run_id)
-    out = {k: v for k, v in tags.items() if k not in LIFE or k == RUN_ID}
-    for key in LIFE:
-        raw = tags.get(key)
-        if raw is None or key == RUN_ID:
+    out = {k: v for k, v in tags.items() if not _life(k) or k == RUN_ID}
+    for key, raw in tags.items():
+        if not _life(key) or key == RUN_ID or not isinstance(raw, str):
             continue
         owner, sep, value = raw.partition(OWNER_SEP)
         if sep and "|" not in owner:
@@ -80,3 +87,19 @@ def own(tags: Mapping[str, str], run_id: str, parent_run_id: str | None) -> Mapp
         elif legacy_owner == run_id:
             out[key] = raw
     return out
+
+
+def heartbeat_key(asset: str) -> str:
+    """The tag holding the beat of the stage step of ``asset`` ("a/b")."""
+    return f"{HEARTBEAT}/{asset}"
+
+
+def beats(owned: Mapping[str, str]) -> dict[str, str]:
+    """The raw beat of each stage step in a run's own tags, by asset ("" for 0.2's one)."""
+    prefix = HEARTBEAT + "/"
+    return {k[len(prefix):] if k != HEARTBEAT else "": v for k, v in owned.items()
+            if k == HEARTBEAT or k.startswith(prefix)}
+
+
+def _life(key: str) -> bool:
+    return key in LIFE or key.startswith(HEARTBEAT + "/")
