@@ -253,6 +253,9 @@ class Timing:
     start_grace: float = 120.0
     retry_patience: float = 300.0
     kill_grace: float = 10.0
+    slot_wait: float | None = None
+    """How long a run may wait for a pool slot (None: as long as it takes; a worker that
+    dies while it waits is failed by Dagster's run monitoring, then relaunched)."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,7 @@ StepCheck = Callable[["RunView"], bool | None]
 
 
 def judge(run: RunView, now: float, timing: Timing, process_alive: ProcessCheck,
-          waiting_for_slot: bool = False, step_over: StepCheck | None = None) -> Verdict:
+          waiting_since: float | None = None, step_over: StepCheck | None = None) -> Verdict:
     """Whether ``run`` is live (leave it), stalled (end it), or ended, and how. Each stage
     step is judged by its own beat: one step's ``ended`` says nothing of a parallel one."""
     if run.status in QUEUED_STATUSES:
@@ -302,7 +305,10 @@ def judge(run: RunView, now: float, timing: Timing, process_alive: ProcessCheck,
                                   f"{timing.stall_timeout:.0f}s)", True)
     if run.working:
         return Verdict(True, "progressing")
-    if waiting_for_slot:
+    if waiting_since is not None:
+        if timing.slot_wait is not None and now - waiting_since > timing.slot_wait:
+            return Verdict(False, f"waited {now - waiting_since:.0f}s for a pool slot "
+                                  f"(limit {timing.slot_wait:.0f}s)", True)
         return Verdict(True, "waiting for a pool slot")
     if not run.beats:
         if now - started > max(timing.stall_timeout, timing.start_grace):

@@ -70,6 +70,7 @@ def stalled_run_sensor(
     start_grace_seconds: float = 120.0,
     retry_patience_seconds: float = 300.0,
     horizon_days: float = HORIZON_DAYS,
+    slot_wait_seconds: float | None = None,
     name: str = "longrun_stalled_runs",
     target: Any = None,
 ) -> dg.SensorDefinition:
@@ -85,9 +86,11 @@ def stalled_run_sensor(
     budget) or that a person canceled is not relaunched; it gets a ``longrun/gave_up`` tag
     and a line in its run log. With Dagster's run retries on, a failed run gets
     ``retry_patience_seconds`` for its retry to come (a retry is just a live run); then the
-    sensor relaunches it."""
+    sensor relaunches it. A run waiting for a pool slot is live for as long as it waits
+    (``slot_wait_seconds``: at most that long; a worker that dies while it waits is failed
+    by Dagster's run monitoring, then relaunched)."""
     timing = Timing(stall_timeout_seconds, start_grace_seconds, retry_patience_seconds,
-                    kill_grace_seconds)
+                    kill_grace_seconds, slot_wait_seconds)
 
     @dg.sensor(name=name, minimum_interval_seconds=minimum_interval_seconds,
                target=target or dg.AssetSelection.all(),
@@ -175,7 +178,7 @@ class Tick:
             try:  # one run's view never breaks the tick
                 view = self._view(record)
                 verdicts[run_id] = judge(view, now, self.timing, process_alive_here,
-                                         run_id in waiting, self._step_over)
+                                         waiting.get(run_id), self._step_over)
                 views[run_id] = view
             except Exception as exc:  # noqa: BLE001
                 self.log.warning(f"longrun: skipped run {run_id} this tick (could not read "
@@ -378,18 +381,22 @@ class _Satisfied:
         return self.memo[key]
 
 
-def _waiting_for_slots(instance: dg.DagsterInstance, log: Any) -> set[str]:
-    """Runs with a step waiting for a pool slot (not assigned one yet)."""
+def _waiting_for_slots(instance: dg.DagsterInstance, log: Any) -> dict[str, float]:
+    """Runs with a step waiting for a pool slot (not assigned one yet), and since when."""
     storage = instance.event_log_storage
+    waiting: dict[str, float] = {}
     try:
         if not storage.supports_global_concurrency_limits:
-            return set()
+            return waiting
         keys = storage.get_concurrency_keys()
-        return {run_id for info in storage.get_concurrency_infos(sorted(keys)).values()
-                for run_id in info.pending_run_ids}
+        for info in storage.get_concurrency_infos(sorted(keys)).values():
+            for step in info.pending_steps:
+                if step.assigned_timestamp is None:
+                    since = step.enqueued_timestamp.timestamp()
+                    waiting[step.run_id] = min(since, waiting.get(step.run_id, since))
     except Exception as exc:  # noqa: BLE001 - no pools: nobody waits for one
         log.warning(f"could not read the pools' waiting steps: {exc}")
-        return set()
+    return waiting
 
 
 def _error_classes(entry: Any) -> set[str]:

@@ -8,8 +8,17 @@ import time
 from typing import Any
 
 from longrun_dagster.heartbeat import EXIT_STALLED, Watchdog
-from longrun_dagster.recovery import ProcessIdentity
-from longrun_dagster.sensors import RunView, Stalled, find_stalled, plan
+from longrun_dagster.recovery import (
+    Beat,
+    End,
+    ProcessIdentity,
+    RunView,
+    State,
+    Timing,
+    end_of,
+    judge,
+    reconcile,
+)
 
 
 def test_watchdog_publishes_progress_time_not_liveness() -> None:
@@ -54,38 +63,53 @@ def test_watchdog_dumps_stacks_and_exits_on_stall() -> None:
 
 
 def view(run_id: str, **kw: Any) -> RunView:
-    base: dict[str, Any] = dict(status="STARTED", started_at=1000.0, progress_at=None,
-                                process=None, partition="2024-01-01", assets=("scores",))
+    base: dict[str, Any] = dict(status="STARTED", created_at=900.0, started_at=1000.0,
+                                partitions=("2024-01-01",), assets=("scores",))
     base.update(kw)
     return RunView(run_id, **base)
 
 
-def test_find_stalled_uses_last_progress_then_start_time() -> None:
-    runs = [view("fresh", progress_at=1950.0), view("silent", progress_at=1500.0),
-            view("never", started_at=1100.0), view("done", status="SUCCESS"),
-            view("handled", progress_at=10.0, handled=True)]
-    found = find_stalled(runs, now=2000.0, timeout=300, process_alive=lambda r: None)
-    assert [s.run.run_id for s in found] == ["silent", "never"]
-    assert "no progress for 500s" in found[0].reason
+def beat(at: float, process: ProcessIdentity | None = None, state: State = State.WORKING
+         ) -> dict[str, Beat]:
+    return {"scores": Beat(at, 1, 9, process, state)}
+
+
+def unknown(process: ProcessIdentity | None) -> bool | None:
+    return None
+
+
+def test_judge_uses_last_progress_then_start_time() -> None:
+    timing = Timing(stall_timeout=300, start_grace=30)
+    runs = [view("fresh", beats=beat(1950.0)), view("silent", beats=beat(1500.0)),
+            view("never", started_at=1100.0), view("done", status="SUCCESS")]
+    stalled = [r.run_id for r in runs if judge(r, 2000.0, timing, unknown).stalled]
+    assert stalled == ["silent", "never"]
+    assert "no progress for 500s" in judge(runs[1], 2000.0, timing, unknown).reason
 
 
 def test_a_dead_process_is_stalled_at_once() -> None:
-    found = find_stalled([view("killed", progress_at=1999.0,
-                                               process=ProcessIdentity("h", 4242))],
-                         now=2000.0, timeout=300, process_alive=lambda r: False)
-    assert found and "process 4242 on h is gone" in found[0].reason
+    killed = view("killed", beats=beat(1999.0, ProcessIdentity("h", 4242)))
+    verdict = judge(killed, 2000.0, Timing(stall_timeout=300), lambda p: False)
+    assert verdict.stalled and "(4242 on h) is gone" in verdict.reason
 
 
-def test_plan_relaunches_within_budget_never_twice_never_committed() -> None:
-    stalled = Stalled(view("a", attempt=1), "silent")
-    assert plan(stalled, [], committed=False, budget=3).action == "relaunch"
-    assert plan(stalled, [], committed=False, budget=3).attempt == 2
-    assert plan(stalled, [], committed=True, budget=3).action == "leave"
-    other = view("b", partition="2024-01-01")
-    assert plan(stalled, [other], committed=False, budget=3).action == "leave"
-    last = Stalled(view("c", attempt=3), "silent")
-    decision = plan(last, [], committed=False, budget=3)
-    assert decision.action == "give_up" and "retry budget" in decision.why
+def reconcile_one(runs: list[RunView], budget: int = 3, satisfied: bool = False) -> Any:
+    timing = Timing(stall_timeout=300)
+    verdicts = {r.run_id: judge(r, 2000.0, timing, unknown) for r in runs}
+    return reconcile(runs, verdicts, lambda a, p, t: satisfied, now=2000.0, budget=budget,
+                     retry_patience=300, retries_enabled=False)
+
+
+def test_reconcile_relaunches_within_budget_never_beside_a_live_run_never_committed() -> None:
+    crashed = view("a", status="FAILURE", beats=beat(1000.0))
+    [relaunch] = reconcile_one([crashed]).relaunch
+    assert relaunch.attempt == 2 and relaunch.partitions == ("2024-01-01",)
+    assert reconcile_one([crashed], satisfied=True).relaunch == []
+    live = view("b", created_at=950.0, beats=beat(1990.0))
+    assert reconcile_one([crashed, live]).relaunch == []
+    last = view("c", status="FAILURE", attempt=3, beats=beat(1000.0))
+    result = reconcile_one([last])
+    assert result.relaunch == [] and "retry budget" in result.mark[0].why
 
 
 def test_a_failed_publish_is_retried_and_does_not_stop_the_watchdog() -> None:
@@ -128,15 +152,19 @@ def test_a_run_between_stages_is_not_stalled() -> None:
         assert result.success
         run = instance.get_run_by_id(result.run_id)
     assert run is not None
-    ended = RunView.of(run, started_at=1000.0)
-    assert ended.stage_ended and ended.pid == os.getpid()
-    running = dataclasses.replace(ended, status="STARTED", progress_at=1999.0)
-    assert find_stalled([running], now=2000.0, timeout=300,
-                        process_alive=lambda r: False) == []
-    mid_stage = dataclasses.replace(running, stage_ended=False)  # a step killed mid-stage
-    assert find_stalled([mid_stage], now=2000.0, timeout=300, process_alive=lambda r: False)
-    crashed = dataclasses.replace(ended, status="FAILURE", crashed=True)
-    assert find_stalled([crashed], now=2000.0, timeout=300, process_alive=lambda r: None)
+    ended = RunView.of(run, created_at=900.0, started_at=1000.0)
+    [(step, last)] = ended.beats.items()
+    assert step == "scores" and last.ended and last.process is not None
+    assert last.process.pid == os.getpid()
+    timing = Timing(stall_timeout=300)
+    running = dataclasses.replace(ended, status="STARTED",
+                                  beats={step: dataclasses.replace(last, at=1999.0)})
+    assert judge(running, 2000.0, timing, lambda p: False).live
+    mid_stage = dataclasses.replace(running, beats={step: dataclasses.replace(
+        last, at=1999.0, state=State.WORKING)})  # a step killed mid-stage
+    assert judge(mid_stage, 2000.0, timing, lambda p: False).stalled
+    crashed = dataclasses.replace(mid_stage, status="FAILURE")
+    assert end_of(crashed) is End.CRASH
 
 
 def test_a_stage_is_watched_while_its_model_loads() -> None:
@@ -150,7 +178,7 @@ def test_a_stage_is_watched_while_its_model_loads() -> None:
     import pandera.pandas as pa
 
     from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, model_stage
-    from longrun_dagster.tags import HEARTBEAT, HEARTBEAT_ENDED, own
+    from longrun_dagster.tags import HEARTBEAT_ENDED, heartbeat_key, own
     from tests.helpers import pipeline
 
     first = pipeline.make_scores(hook_resource_keys=["heartbeat"])
@@ -161,7 +189,8 @@ def test_a_stage_is_watched_while_its_model_loads() -> None:
         def load(stage: Any) -> None:
             run = instance.get_run_by_id(stage.run_id)
             assert run is not None
-            beats_during_load.append(own(run.tags, run.run_id, None).get(HEARTBEAT, ""))
+            beats_during_load.append(own(run.tags, run.run_id, None).get(
+                heartbeat_key("second"), ""))
             if fail_load.is_set():
                 raise RuntimeError("injected: the model does not load")
 
@@ -190,76 +219,60 @@ def test_a_stage_is_watched_while_its_model_loads() -> None:
 
 def test_a_re_execution_does_not_inherit_its_parents_stall() -> None:
     """Dagster copies a run's tags to its re-executions (run retries, "re-execute from
-    failure"): the retry of a stalled run read as stalled and handled already (its parent's
-    watchdog tag, the sensor's decision, a dead pid), so it was killed or never watched."""
+    failure"): the retry of a stalled run read as stalled (its parent's watchdog tag, the
+    sensor's decision, a dead pid), so it was killed or never watched."""
     import dagster as dg
 
     from longrun_dagster import tags as T
 
     parent_tags = {T.STAGE_RUN: "true", T.ASSETS: "scores", "dagster/partition": "p",
                    T.HEARTBEAT: "1000.0|3/20|999999|host", T.STALLED: "1100.0",
-                   T.HANDLED: "relaunch", T.RUN_ID: "parent"}
+                   T.ENDING: "no progress", T.RUN_ID: "parent"}
     parent = dg.DagsterRun(job_name="j", run_id="parent", tags=parent_tags)
     retry = dg.DagsterRun(job_name="j", run_id="retry", tags=parent_tags,
-                          parent_run_id="parent", root_run_id="parent")
-    view_parent, view_retry = RunView.of(parent, 900.0), RunView.of(retry, 1900.0)
-    assert view_parent.handled == "relaunch" and view_parent.stalled_at == 1100.0
-    assert view_retry.handled is None and view_retry.stalled_at is None
-    assert view_retry.pid is None and view_retry.progress_at is None
+                          parent_run_id="parent", root_run_id="parent",
+                          status=dg.DagsterRunStatus.STARTED)
+    view_parent = RunView.of(parent, created_at=900.0)
+    view_retry = RunView.of(retry, created_at=1900.0, started_at=1900.0)
+    assert view_parent.ending == "no progress" and view_parent.stalled_at == 1100.0
+    assert view_retry.ending is None and view_retry.stalled_at is None
+    assert view_retry.beats == {}
     assert view_retry.assets == ("scores",) and view_retry.partition == "p"
-    assert find_stalled([view_retry], now=2000.0, timeout=300,
-                        process_alive=lambda r: None) == []
+    assert judge(view_retry, 2000.0, Timing(stall_timeout=300), unknown).live
 
 
 def test_a_retrys_first_heartbeat_does_not_adopt_its_parents_stall_or_decision() -> None:
     """A re-execution inherited its parent's stall tag and the sensor's decision; its first
     heartbeat wrote longrun/run_id=<its id>, after which every inherited tag counted as its
-    own: it read as stalled (and was killed) or as handled (and was never watched again)."""
+    own."""
     import dagster as dg
 
     from longrun_dagster import tags as T
 
     parent_tags = {T.STAGE_RUN: "true", T.ASSETS: "scores", "dagster/partition": "p",
-                   T.HEARTBEAT: T.mark("parent", "1000.0|3/20|999999|host"),
+                   T.heartbeat_key("scores"): T.mark("parent", "1000.0|3/20|999999|host"),
                    T.STALLED: T.mark("parent", "1100.0"),
-                   T.HANDLED: T.mark("parent", "dagster_retry"), T.RUN_ID: "parent"}
-    first_beat = {T.HEARTBEAT: T.mark("retry", "1950.0|0/20|4242|host"), T.RUN_ID: "retry"}
+                   T.ENDING: T.mark("parent", "no progress"), T.RUN_ID: "parent"}
+    first_beat = {T.heartbeat_key("scores"): T.mark("retry", "1950.0|0/20|4242|host"),
+                  T.RUN_ID: "retry"}
     retry = dg.DagsterRun(job_name="j", run_id="retry", tags={**parent_tags, **first_beat},
                           parent_run_id="parent", root_run_id="parent",
                           status=dg.DagsterRunStatus.STARTED)
-    view = RunView.of(retry, 1900.0)
-    assert view.stalled_at is None and view.handled is None
-    assert view.progress_at == 1950.0 and view.pid == 4242
-    assert find_stalled([view], now=1960.0, timeout=300, process_alive=lambda r: None) == []
-    silent = find_stalled([view], now=2300.0, timeout=300, process_alive=lambda r: None)
-    assert [s.run.run_id for s in silent] == ["retry"], "a retry that stalls is recovered"
+    view = RunView.of(retry, created_at=1900.0, started_at=1900.0)
+    assert view.stalled_at is None and view.ending is None
+    assert view.beats["scores"].at == 1950.0
+    timing = Timing(stall_timeout=300)
+    assert judge(view, 1960.0, timing, unknown).live
+    assert judge(view, 2300.0, timing, unknown).stalled, "a retry that stalls is recovered"
 
 
 def test_a_run_still_starting_gets_the_start_grace() -> None:
     """Under a CPU hog a re-executed run took longer than a short stall timeout to start its
     step; counted from its start with no heartbeat yet, it read as stalled and was killed."""
-    starting = view("starting", started_at=1000.0, progress_at=None)
-    assert find_stalled([starting], now=1010.0, timeout=4, process_alive=lambda r: None,
-                        start_grace=30) == []
-    assert find_stalled([starting], now=1031.0, timeout=4, process_alive=lambda r: None,
-                        start_grace=30) != []
-
-
-def test_the_sensor_leaves_a_run_to_dagsters_run_retries() -> None:
-    """With run retries on (deploy/dagster.yaml), Dagster re-executed a stalled run and the
-    sensor relaunched it too: two runs for one partition."""
-    import dataclasses
-
-    from longrun_dagster.sensors import continuations
-
-    failed = view("a", status="FAILURE", crashed=True, partition="p", assets=("scores",))
-    retried = dataclasses.replace(failed, will_retry=True)
-    assert plan(Stalled(failed, "crashed"), [], False, 3).action == "relaunch"
-    decision = plan(Stalled(retried, "crashed"), [], False, 3)
-    assert decision.action == "dagster_retry" and "run retries" in decision.why
-    segment = dataclasses.replace(failed, crashed=False, continuation=True)
-    assert continuations([segment]) == [segment]
-    assert continuations([dataclasses.replace(segment, will_retry=True)]) == []
+    starting = view("starting", started_at=1000.0)
+    timing = Timing(stall_timeout=4, start_grace=30)
+    assert judge(starting, 1010.0, timing, unknown).live
+    assert judge(starting, 1031.0, timing, unknown).stalled
 
 
 def test_a_running_stage_shows_its_progress_in_a_run_tag() -> None:

@@ -152,14 +152,15 @@ def test_range_output_equals_single_partition_runs(io: AtomicObjectStoreIOManage
 def test_the_sensor_relaunches_a_range_run_over_the_same_range() -> None:
     """A stalled range run was relaunched for no partition (it has no dagster/partition
     tag), so the relaunch recomputed nothing it was asked to; it now continues the range."""
-    from longrun_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, RunView, _relaunch
+    from longrun_dagster.recovery import Relaunch
+    from longrun_dagster.sensors import RANGE_END_TAG, RANGE_START_TAG, RunView, _request
 
     run = dg.DagsterRun(job_name="j", run_id="r1", asset_selection=frozenset(
         {dg.AssetKey("scores")}), tags={RANGE_START_TAG: ALL[0], RANGE_END_TAG: ALL[-1]})
-    view = RunView.of(run, started_at=1.0)
-    assert view.partition_range == (ALL[0], ALL[-1])
+    view = RunView.of(run, created_at=1.0, partitions=ALL)
+    assert view.partition_range == (ALL[0], ALL[-1]) and view.partitions == tuple(ALL)
     assert view.partition == f"{ALL[0]}...{ALL[-1]}"
-    request = _relaunch(view)
+    request = _request(Relaunch(view, tuple(ALL), 2, 1, "stalled"))
     assert request.partition_key is None
     assert request.tags[RANGE_START_TAG] == ALL[0] and request.tags[RANGE_END_TAG] == ALL[-1]
     assert request.asset_selection == [dg.AssetKey("scores")]

@@ -62,7 +62,7 @@ def scores() -> None:
 
 SENSOR = sensors.stalled_run_sensor(stall_timeout_seconds=STALL, retry_budget=BUDGET,
                                     kill_grace_seconds=0.0, start_grace_seconds=STALL,
-                                    retry_patience_seconds=300.0)
+                                    retry_patience_seconds=300.0, slot_wait_seconds=5000.0)
 DEFS = dg.Definitions(assets=[scores], sensors=[SENSOR])
 KEY = dg.AssetKey("scores")
 
@@ -307,7 +307,10 @@ class Reconciler(RuleBasedStateMachine):
             self.inst.dispose()
 
     def quiesce(self) -> None:
-        for _ in range(40):
+        """Every live process finishes, time passes, and ticks go on until two rounds in a
+        row change nothing (no run live, no run added)."""
+        calm = 0
+        for _ in range(60):
             before = len(self.inst.get_runs())
             for run in self.inst.get_runs(filters=dg.RunsFilter(statuses=list(sensors.LIVE))):
                 s = self.sim[run.run_id]
@@ -323,10 +326,11 @@ class Reconciler(RuleBasedStateMachine):
             self.offset += 1000.0
             self.tick(drop=False, die=False)
             live = self.inst.get_runs(filters=dg.RunsFilter(statuses=list(sensors.LIVE)))
-            if not live and len(self.inst.get_runs()) == before:
+            calm = calm + 1 if not live and len(self.inst.get_runs()) == before else 0
+            if calm == 2:
                 break
         else:
-            raise AssertionError("no quiescence after 40 rounds")
+            raise AssertionError("no quiescence after 60 rounds")
         self.check_every_wanted_partition()
 
     def check_every_wanted_partition(self) -> None:

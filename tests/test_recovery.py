@@ -136,8 +136,10 @@ def test_9_a_run_waiting_for_its_pool_slot_is_live() -> None:
     timing = Timing(stall_timeout=300, start_grace=60)
     for beats in ({}, {"normalized": Beat(1000.0, 9, 9, None, State.ENDED)}):
         run = view(beats=beats)
-        assert judge(run, 5000.0, timing, gone, waiting_for_slot=True,
+        assert judge(run, 5000.0, timing, gone, waiting_since=100.0,
                      step_over=lambda r: False).live
+    bounded = dataclasses.replace(timing, slot_wait=3600.0)
+    assert judge(view(), 5000.0, bounded, gone, waiting_since=100.0).stalled
 
 
 def test_the_watchdog_exits_when_its_work_is_no_longer_its_own() -> None:

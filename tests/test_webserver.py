@@ -462,19 +462,19 @@ def catch_a_running_stage(services: Services, backfill_id: str
         got = services.graphql(BACKFILL, {"id": backfill_id})["partitionBackfillOrError"]
         for run in got["runs"]:
             found = {t["key"]: t["value"] for t in run["tags"]}
-            beat = T.own(found, run["runId"], None).get(T.HEARTBEAT)
+            beat = T.last_beat(T.own(found, run["runId"], None))
             if run["status"] != "STARTED" or not beat or T.PROGRESS not in found:
                 continue
             decoded = Beat.decode(beat)
-            if decoded.ended or decoded.process is None:
+            if decoded is None or decoded.ended or decoded.process is None:
                 continue
             os.kill(decoded.process.pid, signal.SIGSTOP)
             # frozen now: was it still inside the stage when it stopped?
             [now] = [r for r in services.graphql(BACKFILL, {"id": backfill_id})[
                 "partitionBackfillOrError"]["runs"] if r["runId"] == run["runId"]]
             tags_now = {t["key"]: t["value"] for t in now["tags"]}
-            beat_now = T.own(tags_now, run["runId"], None).get(T.HEARTBEAT, "")
-            if now["status"] == "STARTED" and not Beat.decode(beat_now).ended \
+            beat_now = Beat.decode(T.last_beat(T.own(tags_now, run["runId"], None)))
+            if now["status"] == "STARTED" and beat_now is not None and not beat_now.ended \
                     and not tags_now[T.PROGRESS].endswith("ended"):
                 return run["runId"], decoded.process.pid, tags_now[T.PROGRESS]
             os.kill(decoded.process.pid, signal.SIGCONT)

@@ -428,7 +428,7 @@ class CeleryDeployment:
         """One line per run: status, lineage, and what the sensor decided."""
         lines = []
         for run in sorted(self.runs(), key=lambda r: r.tags.get(T.ATTEMPT, "1")):
-            keys = (T.ATTEMPT, T.RELAUNCHED_FROM, T.DECIDED, T.WILL_RETRY)
+            keys = (T.ATTEMPT, T.RELAUNCHED_FROM, T.HANDLED, T.GAVE_UP, T.WILL_RETRY)
             tags = {k.split("/")[-1]: v[:8] for k in keys if (v := run.tags.get(k))}
             lines.append(f"{run.run_id[:8]} {run.status.value:<9} parent="
                          f"{(run.parent_run_id or '-')[:8]} {tags}")
@@ -482,8 +482,7 @@ class CeleryDeployment:
 
 def heartbeat(run: dg.DagsterRun) -> Beat | None:
     """The run's own last heartbeat (not one a re-execution inherited), or None."""
-    beat = T.own(run.tags, run.run_id, run.parent_run_id).get(T.HEARTBEAT)
-    return Beat.decode(beat) if beat else None
+    return Beat.decode(T.last_beat(T.own(run.tags, run.run_id, run.parent_run_id)))
 
 
 def ns_pid_outside(tree: Iterable[psutil.Process], ns_pid: int) -> psutil.Process | None:
