@@ -435,6 +435,7 @@ def reconcile(runs: Iterable[RunView], verdicts: Mapping[str, Verdict], satisfie
         if alive:
             blocked.add(key)
             needed.update(r.run_id for r in alive)
+            needed.add(current.run_id)  # the latest want outlives an older live run
             out.waiting += 1
             continue
         if current.status == "SUCCESS":

@@ -287,7 +287,10 @@ def _alive(proc: psutil.Process) -> bool:
 
 # -- chaos: the Celery deployment under a seeded mix of faults ----------------------------
 CHAOS_FAULTS = {"none": 1, "kill-9": 3, "sigstop-sigcont": 2, "sigstop-never": 2,
-                "daemon-killed": 2, "retry-race": 2}
+                "daemon-killed": 2, "retry-race": 2, "sigterm": 2, "garbage-tags": 1,
+                "daemon-down-hours": 1}
+GARBAGE_TAGS = {"longrun/attempt": "x", "longrun/heartbeat/ghost": "nan|?|", "longrun/segment":
+                "-1", "dagster/will_retry": "maybe", "longrun/stalled": "soon"}
 
 
 @dataclass
@@ -318,8 +321,12 @@ class CeleryChaos:
     for the partition instead of a successful run: the sensor leaves it, since a relaunch
     would only reuse the commit (the fault came too late to take the run down).
 
-    Run retries are on with max_retries 0: a `retry-race` partition's run carries
-    `dagster/max_retries: 1`, so Dagster's retry and the sensor's relaunch race for it."""
+    Run retries are on with max_retries 0 (off, in effect): a `retry-race` partition's run
+    carries `dagster/max_retries: 1`, so Dagster's retry and the sensor's relaunch race for
+    it. `sigterm` preempts the stage (it checkpoints and stops); `garbage-tags` writes
+    malformed tags on the run before its node is lost; `daemon-down-hours` kills the
+    daemon, loses the node, and brings the daemon back with its sensor's clock 3 hours on
+    (past the one-hour window the event-driven sensor had)."""
 
     def __init__(self, d: CeleryDeployment, cluster: Cluster, tmp: Path, seed: int) -> None:
         self.d, self.cluster, self.tmp = d, cluster, tmp
@@ -359,9 +366,27 @@ class CeleryChaos:
         beat = heartbeat(shot.first)
         assert beat is not None and beat.process is not None
         shot.node = node = worker_named(cluster, d.step_span(shot.first.run_id).worker)
-        if kind in ("kill-9", "retry-race", "daemon-killed"):
+        if kind == "garbage-tags":  # malformed tags on the run, then its node is lost
+            d.instance().add_run_tags(shot.first.run_id, GARBAGE_TAGS)
+        if kind == "sigterm":  # preempted: the stage checkpoints, stops, and its run fails
+            tree = cluster.workers[node].tree()
+            stage = (ns_pid_outside(tree, beat.process.pid) if cluster.namespaces
+                     else psutil.Process(beat.process.pid))
+            assert stage is not None, f"no stage process {beat.process.pid} on {node}"
+            stage.send_signal(signal.SIGTERM)
+        if kind == "daemon-down-hours":
+            d.kill_daemon()
+        if kind in ("kill-9", "retry-race", "daemon-killed", "garbage-tags",
+                    "daemon-down-hours"):
             cluster.lose(node, signal.SIGKILL)
             cluster.replace(node)  # a new machine comes up while the partition recovers
+        if kind == "daemon-down-hours":  # it comes back 3 hours later (the sensor's clock)
+            d.clock_offset(3 * 3600.0)
+            d.start_daemon()
+            d.wait(lambda _: [r for r in d.runs(shot.day)
+                              if r.tags.get("longrun/relaunched_from") == shot.first.run_id],
+                   240, f"step {index}: {shot.day} relaunched after the daemon's long absence")
+            d.clock_offset(0.0)
         elif kind.startswith("sigstop"):
             tree = cluster.lose(node, signal.SIGSTOP)
             shot.stage = (ns_pid_outside(tree, beat.process.pid) if cluster.namespaces

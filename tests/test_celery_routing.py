@@ -1,5 +1,5 @@
 """GPU admission under Celery, as a plan: steps of a Dagster pool get the queue of
-deploy/celery/pool_queues.py's mapping (dagster-celery reads only the queue tag). No broker
+longrun_dagster.celery's mapping (dagster-celery reads only the queue tag). No broker
 here; tests/test_celery.py runs it on real workers."""
 
 import importlib
@@ -13,7 +13,7 @@ from dagster._core.execution.api import create_execution_plan
 pytest.importorskip("dagster_celery")
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG  # noqa: E402
 
-from deploy.celery.pool_queues import on_celery, route_pools  # noqa: E402
+from longrun_dagster.celery import on_celery, route_pools  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def test_a_revoked_step_whose_worker_never_answers_is_given_up_after_the_grace()
     from celery import Celery
     from celery.exceptions import TaskRevokedError
 
-    from deploy.celery.pool_queues import RevocableResult
+    from longrun_dagster.celery import RevocableResult
 
     app = Celery(broker="memory://", backend="cache+memory://")
     lost = RevocableResult(app.AsyncResult("lost"), grace=0.2)

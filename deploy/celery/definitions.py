@@ -6,6 +6,6 @@ stages (pool ``gpu``) run on the ``gpu`` queue; every other step on ``dagster``.
 """
 
 import definitions as example  # the package, not its Definitions: one `defs` here
-from deploy.celery.pool_queues import on_celery
+from longrun_dagster.celery import on_celery
 
 defs = on_celery(example.defs)

@@ -5,22 +5,42 @@ The tiny real-torch stage of tests/helpers/pipeline.py (pool ``gpu``) over open-
 daily partitions (each test takes fresh days), its batches slowed by BATCH_SLEEP so that
 faults land mid-stage, a heartbeat every 0.5 s and the stalled-run sensor with a short
 STALL_TIMEOUT; committed to S3 (LONGRUN_BASE_URI, LONGRUN_S3_ENDPOINT), on Celery through
-deploy/celery/pool_queues.py as the example is (GPU steps on the ``gpu`` queue).
+longrun_dagster.celery as the example is (GPU steps on the ``gpu`` queue).
 """
 
 import hashlib
 import os
+import time
+import types
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from dagster_aws.s3 import S3Resource
 
-from deploy.celery.pool_queues import on_celery
 from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, stalled_run_sensor
+from longrun_dagster.celery import on_celery
 from tests.helpers import pipeline
 
 STALL = float(os.environ.get("STALL_TIMEOUT", "6"))
+
+
+def _sensor_clock() -> float:
+    """The sensor's clock: real time plus the seconds in CLOCK_OFFSET_FILE (the chaos loop
+    simulates a daemon that was down for hours by moving it)."""
+    path = os.environ.get("CLOCK_OFFSET_FILE", "")
+    try:
+        with open(path) as text:
+            return time.time() + float(text.read().strip() or 0)
+    except (OSError, ValueError):
+        return time.time()
+
+
+if os.environ.get("CLOCK_OFFSET_FILE"):
+    from longrun_dagster import sensors as _sensors
+
+    _sensors.time = types.SimpleNamespace(time=_sensor_clock,  # type: ignore[assignment]
+                                          sleep=time.sleep)
 DAYS = dg.DailyPartitionsDefinition(start_date="2024-01-01")
 
 

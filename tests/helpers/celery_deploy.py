@@ -193,6 +193,7 @@ class Cluster:
             "LONGRUN_BASE_URI": self.base_uri, "LONGRUN_S3_ENDPOINT": s3_endpoint,
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "STALL_TIMEOUT": "6", "BATCH_SLEEP": "0.2",
+            "CLOCK_OFFSET_FILE": str(tmp / "sensor-clock-offset"),
         }
         self.workers: dict[str, Group] = {}
         self.queues: dict[str, tuple[str, ...]] = {}
@@ -370,6 +371,10 @@ class CeleryDeployment:
         """kill -9 of the dagster-daemon (its runs and their workers live on)."""
         if self.daemon is not None:
             self.daemon.kill()
+
+    def clock_offset(self, seconds: float) -> None:
+        """Move the sensor's clock (read by the code server at every tick) ``seconds`` on."""
+        Path(self.env["CLOCK_OFFSET_FILE"]).write_text(f"{seconds}")
 
     def launch(self, *partitions: str, tags: dict[str, str] | None = None) -> None:
         """Submit one stage_job run per partition to the run queue, all at once, the way
