@@ -170,15 +170,17 @@ class Tick:
             created_after=datetime.fromtimestamp(now - horizon_days * 86400, UTC))))
         fresh = sorted(ended_ids - settled)
         ended = instance.get_run_records(filters=dg.RunsFilter(run_ids=fresh)) if fresh else []
-        waiting = _waiting_for_slots(instance, self.log)
+        waiting: dict[str, float] | None = None  # read only when a run may be waiting
         views: dict[str, RunView] = {}
         verdicts: dict[str, Verdict] = {}
         for record in [*live, *ended]:
             run_id = record.dagster_run.run_id
             try:  # one run's view never breaks the tick
                 view = self._view(record)
+                if waiting is None and view.running and not view.working:
+                    waiting = _waiting_for_slots(instance, self.log)
                 verdicts[run_id] = judge(view, now, self.timing, process_alive_here,
-                                         waiting.get(run_id), self._step_over)
+                                         (waiting or {}).get(run_id), self._step_over)
                 views[run_id] = view
             except Exception as exc:  # noqa: BLE001
                 self.log.warning(f"longrun: skipped run {run_id} this tick (could not read "

@@ -108,9 +108,10 @@ def last_beat(owned: Mapping[str, str]) -> str | None:
 
     def at(raw: str) -> float:
         try:
-            return float(raw.split("|", 1)[0])
+            value = float(raw.split("|", 1)[0])
         except ValueError:
             return float("-inf")
+        return value if abs(value) < 1e12 else float("-inf")  # nan and inf too
 
     return max(raws, key=at) if raws else None
 
