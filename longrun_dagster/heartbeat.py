@@ -36,7 +36,7 @@ def _read(path: str, readlink: bool = False) -> str:
 
 
 @functools.cache
-def _kernel() -> tuple[str, str]:
+def kernel() -> tuple[str, str]:
     return _read("/proc/sys/kernel/random/boot_id"), _read("/proc/self/ns/pid", readlink=True)
 
 
@@ -52,7 +52,7 @@ def start_ticks(pid: int) -> str:
 def current_process(pid: int | None = None) -> ProcessIdentity:
     """This process (or ``pid`` in this pid namespace), named for ``recovery.Beat``."""
     pid = os.getpid() if pid is None else pid
-    boot, ns = _kernel()
+    boot, ns = kernel()
     return ProcessIdentity(socket.gethostname(), pid, boot, ns, start_ticks(pid))
 
 

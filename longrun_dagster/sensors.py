@@ -21,7 +21,7 @@ import dagster as dg
 import psutil
 
 from longrun_dagster import tags as T
-from longrun_dagster.heartbeat import current_process, start_ticks
+from longrun_dagster.heartbeat import kernel, start_ticks
 from longrun_dagster.recovery import (
     PARTITION_TAG,
     RANGE_END_TAG,
@@ -458,7 +458,8 @@ def process_alive_here_of(process: ProcessIdentity | None) -> bool:
 
 
 def _same_table(process: ProcessIdentity) -> bool:
-    return process.same_kernel_and_namespace(current_process())
+    boot, ns = kernel()
+    return process.same_kernel_and_namespace(ProcessIdentity("", 0, boot, ns))
 
 
 def _verified(process: ProcessIdentity | None) -> psutil.Process | None:
