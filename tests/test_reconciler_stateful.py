@@ -31,6 +31,7 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     initialize,
+    invariant,
     rule,
     run_state_machine_as_test,
 )
@@ -40,6 +41,8 @@ from longrun_dagster import tags as T
 from longrun_dagster.recovery import Beat, ProcessIdentity, State
 
 SLOW = os.environ.get("LONGRUN_SLOW") == "1"
+STEPS = [0, 0]
+"""Rules run and ticks, over all examples (printed by the test)."""
 PARTS = ["p0", "p1", "p2", "p3"]
 STALL = 100.0
 BUDGET = 3
@@ -77,6 +80,8 @@ class Sim:
     deterministic: bool = False
     beats: bool = True
     created_by: str = "person"
+    skew: float = 0.0
+    """Its host's clock, against the sensor's."""
     retry_due: bool = False
     """Dagster decided to retry it when it failed (the retry may come even after the
     sensor relaunched it: its verdict was written first)."""
@@ -101,6 +106,10 @@ class Reconciler(RuleBasedStateMachine):
         self.instance = dg.DagsterInstance.from_config(str(self.home))
         self.retries = retries
         self.instance.event_log_storage.set_concurrency_slots("gpu", 0)
+
+    @invariant()
+    def count(self) -> None:  # runs after every step
+        STEPS[0] += 1
 
     def now(self) -> float:
         return time.time() + self.offset
@@ -140,9 +149,10 @@ class Reconciler(RuleBasedStateMachine):
             if first != last else {}
         return self._create(parts, tags, "person")
 
-    @rule(run_id=runs, waits=st.booleans())
-    def start(self, run_id: str, waits: bool) -> None:
+    @rule(run_id=runs, waits=st.booleans(), skew=st.sampled_from([0.0, -3.0, 40.0, -40.0]))
+    def start(self, run_id: str, waits: bool, skew: float = 0.0) -> None:
         s = self.sim[run_id]
+        s.skew = skew
         if s.proc != "none" or self.run(run_id).status != dg.DagsterRunStatus.NOT_STARTED:
             return
         self.inst.report_dagster_event(DagsterEvent(
@@ -156,7 +166,7 @@ class Reconciler(RuleBasedStateMachine):
 
     def _beat(self, run_id: str, state: State) -> None:
         s = self.sim[run_id]
-        beat = Beat(self.now(), s.at, len(s.parts), ELSEWHERE, state, 1)
+        beat = Beat(self.now() + s.skew, s.at, len(s.parts), ELSEWHERE, state, 1)
         self.inst.add_run_tags(run_id, {T.heartbeat_key("scores"): T.mark(run_id, beat.encode()),
                                         T.RUN_ID: run_id})
 
@@ -248,6 +258,7 @@ class Reconciler(RuleBasedStateMachine):
 
     @rule(drop=st.booleans(), die=st.booleans())
     def tick(self, drop: bool, die: bool) -> None:
+        STEPS[1] += 1
         clock = types.SimpleNamespace(time=self.now, sleep=time.sleep)
         real_time, real_reconcile = sensors.time, sensors.reconcile
         sensors.time = clock  # type: ignore[assignment]
@@ -366,3 +377,4 @@ def test_every_wanted_partition_ends_committed_or_given_up(tmp_path: Path,
         max_examples=200 if SLOW else 50, stateful_step_count=40 if SLOW else 25,
         deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    print(f"reconciler model: {STEPS[0]} steps, {STEPS[1]} ticks")
