@@ -33,13 +33,10 @@ ATTEMPT = "longrun/attempt"
 SEGMENT = "longrun/segment"
 RELAUNCHED_FROM = "longrun/relaunched_from"
 HANDLED = "longrun/stall_handled"
-"""What the sensor decided for the run: relaunch, continue, give_up, leave, dagster_retry
-(Dagster's run retries re-execute it instead)."""
-DECIDED = "longrun/decided"
-"""The sensor's decision again, unowned: run tag filters match whole values, so queries use
-this one; ``HANDLED`` (owned) says whether the decision is this run's."""
+"""``relaunch`` once the sensor asked for a run to replace this one (for people: the
+sensor decides from the runs and their materializations every tick, not from this)."""
 DECIDED_AT = "longrun/decided_at"
-"""When the sensor decided (a run left to Dagster's retries is relaunched if none comes)."""
+"""0.2's decision time (still owned, so a re-execution does not inherit it)."""
 SELECTION = "longrun/selection"
 """The assets a relaunch selects, comma-separated: everything the stalled run planned to
 materialize (a schedule's run has no asset selection; its downstream assets count too)."""
