@@ -274,7 +274,17 @@ StepCheck = Callable[["RunView"], bool | None]
 def judge(run: RunView, now: float, timing: Timing, process_alive: ProcessCheck,
           waiting_since: float | None = None, step_over: StepCheck | None = None) -> Verdict:
     """Whether ``run`` is live (leave it), stalled (end it), or ended, and how. Each stage
-    step is judged by its own beat: one step's ``ended`` says nothing of a parallel one."""
+    step is judged by its own beat: one step's ``ended`` says nothing of a parallel one.
+    A run a person is canceling (CANCELING, not by the sensor) that stalls is ended as
+    theirs: it is not relaunched."""
+    verdict = _judge(run, now, timing, process_alive, waiting_since, step_over)
+    if verdict.stalled and run.status == "CANCELING" and run.ending is None:
+        return Verdict(False, f"{CANCELED_BY_PERSON}; {verdict.reason}", True)
+    return verdict
+
+
+def _judge(run: RunView, now: float, timing: Timing, process_alive: ProcessCheck,
+           waiting_since: float | None, step_over: StepCheck | None) -> Verdict:
     if run.status in QUEUED_STATUSES:
         return Verdict(True, "queued")
     if run.terminal:
@@ -328,6 +338,8 @@ def end_of(run: RunView) -> End:
     if run.status == "SUCCESS":
         return End.SUCCESS
     if run.ending is not None:
+        if run.ending.startswith(CANCELED_BY_PERSON):
+            return End.CANCELED
         return End.DUPLICATE if run.ending.startswith(DUPLICATE) else End.CRASH
     if run.continuation and run.status == "FAILURE":
         return End.SEGMENT
@@ -344,6 +356,7 @@ def end_of(run: RunView) -> End:
 
 
 DUPLICATE = "duplicate"
+CANCELED_BY_PERSON = "canceled by a person"
 
 
 # -- every wanted partition -------------------------------------------------------------------

@@ -122,6 +122,15 @@ def test_4_a_preempted_stage_is_never_ended() -> None:
     assert end_of(view(status="FAILURE", beats={"scores": raised})) is End.FAILED
 
 
+def test_a_run_a_person_cancels_is_never_relaunched_even_when_it_stalls() -> None:
+    canceling = view(status="CANCELING", beats={"scores": Beat(1000.0, 3, 9, None)})
+    verdict = judge(canceling, 5000.0, Timing(stall_timeout=300), gone)
+    assert verdict.stalled and verdict.reason.startswith("canceled by a person")
+    ended = dataclasses.replace(canceling, status="CANCELED", ending=verdict.reason)
+    assert end_of(ended) is End.CANCELED
+    assert end_of(dataclasses.replace(ended, ending="no progress for 900s")) is End.CRASH
+
+
 def test_a_run_frozen_after_its_stage_ended_is_a_stall() -> None:
     ended = view(beats={"scores": Beat(1000.0, 9, 9, None, State.ENDED)})
     timing = Timing(stall_timeout=300)
