@@ -366,6 +366,7 @@ class Reconciler(RuleBasedStateMachine):
         return records[0].create_timestamp.timestamp()
 
 
+@pytest.mark.timeout(3 * 3600 if SLOW else 300)
 def test_every_wanted_partition_ends_committed_or_given_up(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
@@ -374,7 +375,7 @@ def test_every_wanted_partition_ends_committed_or_given_up(tmp_path: Path,
     the sensor never relaunches beside a live run."""
     monkeypatch.setenv("LONGRUN_RECONCILER_TMP", str(tmp_path))
     run_state_machine_as_test(Reconciler, settings=settings(
-        max_examples=200 if SLOW else 50, stateful_step_count=40 if SLOW else 25,
+        max_examples=250 if SLOW else 50, stateful_step_count=40 if SLOW else 25,
         deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     print(f"reconciler model: {STEPS[0]} steps, {STEPS[1]} ticks")
