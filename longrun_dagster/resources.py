@@ -180,6 +180,9 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
         # (the next step waiting for its pool, or a plain asset): say how it ended in its
         # last beat. Preempted is never "ended": the sensor relaunches it.
         self._state = stop_state(run.stopped_by)
+        # the last beat is timed at the step's end, not its last batch: the commit after it
+        # is judged from here ("frozen before its commit" only past the stall timeout)
+        self._dog.progress(batches_done=run.progress.batches_done)
         failed = self._dog.failed_publishes
         self._dog.stop()  # publishes once more
         for delay in (0.5, 1.0, 2.0):  # a busy instance DB: this beat matters, try again
