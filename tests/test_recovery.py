@@ -474,7 +474,8 @@ def _stage_run(still_holds: Any = None) -> Any:
 def test_12_13_a_database_blip_neither_fails_a_stage_nor_hides_its_lost_claim() -> None:
     """A transient error in the first heartbeat write failed the stage; a zombie whose run
     database was unreachable never checked its claim."""
-    beat = Heartbeat(interval_seconds=0.05, stall_timeout_seconds=60)
+    # watchdog off: its own check would exit this (pytest's) process once the claim is lost
+    beat = Heartbeat(interval_seconds=0.05, stall_timeout_seconds=60, watchdog=False)
     beat._instance, beat._run_id = _Blip(fails=1), "r"
     claimed = [True]
     run = _stage_run(still_holds=lambda: claimed[0])
