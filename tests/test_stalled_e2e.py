@@ -401,7 +401,9 @@ def test_one_of_two_parallel_stages_killed_is_relaunched(tmp_path: Path,
     right after ``fast`` wrote its ``ended`` beat, the one run-wide beat said ended, and the
     crash was taken for a finished stage: no relaunch."""
     d = Deployment(tmp_path, watchdog=False)
-    d.env.update({"EXECUTOR": "multiprocess", "PAIR": "1"})
+    # a stall timeout the test outruns: the kill, not the hang, must end the run (with 4 s
+    # the sensor could end the hung run before the test saw fast end, seen once in CI)
+    d.env.update({"EXECUTOR": "multiprocess", "PAIR": "1", "STALL_TIMEOUT": "60"})
     d.start_daemon()
     try:
         d.launch()
