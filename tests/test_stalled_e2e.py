@@ -205,7 +205,11 @@ def test_hang_is_exited_by_the_watchdog_and_relaunched_to_the_same_output(
     second = deployment.wait(relaunched, 120, "the relaunched run to finish")
     runs = deployment.runs()
     assert runs[0].run_id == first.run_id and runs[0].status == dg.DagsterRunStatus.FAILURE
-    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id and second.tags[ATTEMPT_TAG] == "2"
+    # under CI load a relaunch can itself miss a 4 s stall timeout and be relaunched again
+    # (seen once, PostgreSQL): what users see is the partition recovered from this run
+    ids = lineage(runs, second)
+    assert ids[-1] == first.run_id, chain(runs, second)
+    assert second.tags[ATTEMPT_TAG] == str(len(ids)), chain(runs, second)
     with deployment.instance() as instance:
         logs = "\n".join(e.user_message for e in instance.all_logs(first.run_id))
         record = instance.get_run_record_by_id(second.run_id)
@@ -332,9 +336,9 @@ def test_hang_while_the_model_loads_is_a_stall(tmp_path: Path, clean_sha: str) -
         runs = d.runs()
     finally:
         d.stop_daemon()
-    first = next(r for r in runs if r.run_id == second.tags[RELAUNCHED_FROM_TAG])
+    first = lineage(runs, second)[-1]  # the run that hung (its relaunch may be relaunched)
     with d.instance() as instance:
-        logs = "\n".join(e.user_message for e in instance.all_logs(first.run_id))
+        logs = "\n".join(e.user_message for e in instance.all_logs(first))
     assert "no progress for" in logs and "hanging_load" in logs  # the watchdog's stacks
     assert d.committed_sha() == clean_sha
 
@@ -360,7 +364,7 @@ def test_a_step_process_killed_under_the_multiprocess_executor_is_relaunched(
         d.stop_daemon()
     failed = next(r for r in runs if r.run_id == first.run_id)
     assert failed.status == dg.DagsterRunStatus.FAILURE
-    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id
+    assert lineage(runs, second)[-1] == first.run_id, chain(runs, second)
     assert d.committed_sha() == clean_sha
 
 
@@ -391,7 +395,7 @@ def test_a_stage_preempted_with_sigterm_is_relaunched(tmp_path: Path, clean_sha:
     failed = next(r for r in runs if r.run_id == first.run_id)
     assert failed.status == dg.DagsterRunStatus.FAILURE
     assert beat_of(failed, "scores").state.value == "preempted"
-    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id
+    assert lineage(runs, second)[-1] == first.run_id, chain(runs, second)
     assert d.committed_sha() == clean_sha
 
 
@@ -413,9 +417,10 @@ def test_one_of_two_parallel_stages_killed_is_relaunched(tmp_path: Path,
         d.wait_hung()
         os.kill(beat_of(first, "scores").process.pid, signal.SIGKILL)
         second = d.wait(relaunched, 150, "the relaunched run to finish")
+        runs = d.runs()
     finally:
         d.stop_daemon()
-    assert second.tags[RELAUNCHED_FROM_TAG] == first.run_id
+    assert lineage(runs, second)[-1] == first.run_id, chain(runs, second)
     assert d.committed_sha() == clean_sha
 
 
