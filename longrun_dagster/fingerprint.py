@@ -87,9 +87,14 @@ def stage_static(
     return StageStatic(h.hexdigest())
 
 
-def stage_fingerprint_from(static: StageStatic, inputs: Sequence[Input]) -> str:
-    """The fingerprint of one partition: the declaration plus the inputs read, in order."""
-    body = ["longrun-stage", SCHEME, static, [list(i) for i in inputs]]
+def stage_fingerprint_from(static: StageStatic, inputs: Sequence[Input],
+                           resources: Mapping[str, Any] | None = None) -> str:
+    """The fingerprint of one partition: the declaration plus the inputs read, in order,
+    and the public config of the resources the stage uses (a stage that uses none keeps
+    the fingerprint it had before resources counted)."""
+    body: list[Any] = ["longrun-stage", SCHEME, static, [list(i) for i in inputs]]
+    if resources:
+        body.append({"resources": dict(resources)})
     return digest(body, what="inputs")
 
 
@@ -642,3 +647,76 @@ def _unmangled(cls: type, slot: str) -> str:
         return f"_{cls.__name__.lstrip('_')}{slot}"
     return slot
 
+
+
+# --- a stage's code: the default code_version --------------------------------------------
+
+
+def code_identity(*fns: Any) -> str:
+    """The default ``code_version`` of a stage: a digest of its functions' code (bytecode,
+    constants, names, nested functions and lambdas), their defaults and closures, the
+    constant module globals they read, and the code of the functions of their own module
+    that they call, recursively. Not seen: functions imported from other modules, mutable
+    globals (a list, a dict: they change as the code runs), and objects' state."""
+    seen: set[int] = set()
+    body = [_code_of(fn, getattr(fn, "__module__", None), seen) for fn in fns if fn]
+    return digest(["code", sys.version_info[:2], body], what="code")
+
+
+def _code_of(fn: Any, module: str | None, seen: set[int]) -> Any:
+    if isinstance(fn, functools.partial):
+        return {"partial": _code_of(fn.func, module, seen),
+                "args": [_constant_or_code(a, module, seen) for a in fn.args],
+                "keywords": {k: _constant_or_code(v, module, seen)
+                             for k, v in fn.keywords.items()}}
+    if isinstance(fn, (classmethod, staticmethod, types.MethodType)):
+        return {"method": _code_of(fn.__func__, module, seen)}
+    if not isinstance(fn, types.FunctionType):
+        call = _python_call(fn)
+        return ({"call": _code_of(call, module, seen), "of": _type_name(type(fn))}
+                if call is not None else {"opaque": _type_name(type(fn))})
+    if id(fn) in seen:
+        return {"recursive": fn.__qualname__}
+    seen.add(id(fn))
+    code = fn.__code__
+    cells = zip(code.co_freevars, fn.__closure__ or (), strict=True)
+    return {
+        "function": fn.__qualname__,
+        "code": _code(code),
+        "defaults": [_constant_or_code(v, module, seen) for v in fn.__defaults__ or ()],
+        "kwdefaults": {k: _constant_or_code(v, module, seen)
+                       for k, v in (fn.__kwdefaults__ or {}).items()},
+        "closure": {name: _constant_or_code(_contents(cell), module, seen)
+                    for name, cell in cells},
+        "globals": {name: _constant_or_code(fn.__globals__[name], module, seen)
+                    for name in sorted(_global_reads(code)) if name in fn.__globals__},
+    }
+
+
+def _contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a variable not assigned yet
+        return None
+
+
+def _constant_or_code(value: Any, module: str | None, seen: set[int]) -> Any:
+    """A constant as itself; a function of the stage's own module as its code; anything
+    else by its type only (not seen)."""
+    if _is_constant(value):
+        return {"constant": _const(value) if not isinstance(value, frozenset)
+                else sorted(map(repr, value))}
+    if isinstance(value, types.FunctionType) and value.__module__ == module:
+        return _code_of(value, module, seen)
+    if isinstance(value, types.ModuleType):
+        return {"module": value.__name__}
+    if isinstance(value, type) or callable(value):
+        name = getattr(value, "__qualname__", None) or _type_name(type(value))
+        return {"callable": f"{getattr(value, '__module__', '')}.{name}"}
+    return {"opaque": _type_name(type(value))}
+
+
+def _is_constant(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, enum.Enum)):
+        return True
+    return isinstance(value, (tuple, frozenset)) and all(_is_constant(v) for v in value)

@@ -50,9 +50,10 @@ class StageOptions(dg.Model):
     one_row_per_input: Annotated[bool, about(
         "fn returns one row per input row; a batch of the wrong length is quarantined. "
         "Set false for stages that filter or expand rows.")] = True
-    code_version: Annotated[str, about(
-        "Bump it when fn changes meaning: committed partitions of another code version are "
-        "recomputed.")] = "1"
+    code_version: Annotated[str | None, about(
+        "Unset: a digest of the code of fn and setup (and of the functions of their module "
+        "they call), so an edit recomputes. Set it yourself to decide when fn changes "
+        "meaning (an edit to an imported helper, a model file).")] = None
     config: Annotated[dict[str, Any], about(
         "Stage settings passed to fn as stage.config; part of the fingerprint, so a change "
         "recomputes.")] = Field(default_factory=dict)

@@ -6,6 +6,7 @@ This module is the thin Dagster shell; the loop itself is ``batches.BatchLoop``.
 annotations at definition time.)
 """
 
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -35,6 +36,7 @@ from longrun_dagster.io_manager import (
     materialization_metadata,
 )
 from longrun_dagster.options import StageOptions
+from longrun_dagster.resource_config import resource_configs
 from longrun_dagster.validation import Schema, as_schema, failure_sample
 
 CHECK_NAME = "schema_valid_rows"
@@ -77,6 +79,8 @@ class StageSpec:
     setup: SetupFn | None
     io_manager_key: str
     hook_resource_keys: Sequence[str]
+    resource_keys: Sequence[str]
+    """The resources fn and setup use: their config is in the fingerprint."""
     one_row_per_input: bool
     need_vram_bytes: int | None
     oom_retries: int
@@ -104,14 +108,18 @@ class StageSpec:
                 ) -> list[fingerprint.Input]:
         return [(self.upstream.to_user_string(), key, m.data_version) for key, m in inputs]
 
-    def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
-        """What decides reuse: code version, config, schema, batching, bad-row budget and
-        the data versions of the inputs actually read."""
-        return fingerprint.stage_fingerprint_from(self.outputs_static, self._inputs(inputs))
+    def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]],
+                    resources: Mapping[str, Any]) -> str:
+        """What decides reuse: code version, config, schema, batching, bad-row budget, the
+        public config of the resources used and the data versions of the inputs read."""
+        return fingerprint.stage_fingerprint_from(self.outputs_static, self._inputs(inputs),
+                                                  resources)
 
-    def checkpoint_key(self, inputs: Iterable[tuple[str | None, Manifest]]) -> str:
+    def checkpoint_key(self, inputs: Iterable[tuple[str | None, Manifest]],
+                       resources: Mapping[str, Any]) -> str:
         """Which checkpoints a computation may resume from."""
-        return fingerprint.stage_fingerprint_from(self.checkpoint_static, self._inputs(inputs))
+        return fingerprint.stage_fingerprint_from(self.checkpoint_static, self._inputs(inputs),
+                                                  resources)
 
 
 def model_stage(
@@ -132,7 +140,7 @@ def model_stage(
     checkpoint_every_seconds: float = 300.0,
     max_bad_fraction: float = 0.0,
     one_row_per_input: bool = True,
-    code_version: str = "1",
+    code_version: str | None = None,
     config: Mapping[str, Any] | None = None,
     hook_resource_keys: Iterable[str] = (),
     need_vram_mb: int | None = None,
@@ -231,11 +239,14 @@ def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
     def decorate(fn: ModelFn) -> dg.AssetsDefinition:
         asset_name = name or fn.__name__
         key = dg.AssetKey([*o.key_prefix, asset_name])
+        _refuse_async(fn, setup, asset_name)
+        code_version = o.code_version or fingerprint.code_identity(fn, setup)[:16]
         spec = StageSpec.build(
             name=asset_name, key=key, upstream=upstream, schema=schema,
             batch_size=o.batch_size, cadence=cadence, max_bad_fraction=o.max_bad_fraction,
-            code_version=o.code_version, config=dict(o.config), setup=setup,
+            code_version=code_version, config=dict(o.config), setup=setup,
             io_manager_key=o.io_manager_key, hook_resource_keys=list(o.hook_resource_keys),
+            resource_keys=list(o.required_resource_keys),
             one_row_per_input=o.one_row_per_input,
             need_vram_bytes=o.need_vram_mb * 2**20 if o.need_vram_mb else None,
             oom_retries=o.oom_retries,
@@ -250,7 +261,7 @@ def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
             deps=[dg.AssetDep(upstream, partition_mapping=partition_mapping)],
             required_resource_keys={o.io_manager_key, *o.required_resource_keys,
                                     *o.hook_resource_keys},
-            io_manager_key=o.io_manager_key, code_version=o.code_version, pool=o.pool,
+            io_manager_key=o.io_manager_key, code_version=code_version, pool=o.pool,
             group_name=o.group_name, retry_policy=retry_policy, backfill_policy=backfill_policy,
             automation_condition=automation_condition, owners=o.owners or None,
             kinds=set(o.kinds) or None,
@@ -266,6 +277,15 @@ def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
         )(compute)
 
     return decorate
+
+
+def _refuse_async(fn: Any, setup: Any, name: str) -> None:
+    for what, f in (("fn", fn), ("setup", setup)):
+        if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f):
+            raise ConfigError(
+                f"model_stage {name!r}: {what} {f.__qualname__} is an async function; a "
+                f"model stage calls it synchronously, once per batch. Define it with def "
+                f"(inside it, asyncio.run(...) can drive async calls for the batch)")
 
 
 def _asset_key(upstream: dg.AssetsDefinition | dg.AssetKey | str | Sequence[str]
@@ -336,10 +356,11 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     partitions = _partition_store(spec, context)
     keys = _run_partition_keys(context)
     model = _ModelOnce(spec.setup)
+    resources = resource_configs(context, spec.resource_keys)
     done: list[_Partition] = []
     for key in keys:
         try:
-            done.append(_one_partition(spec, fn, context, partitions, key, model,
+            done.append(_one_partition(spec, fn, context, partitions, key, model, resources,
                                        in_range=len(keys) > 1))
         except _OverBudget as over:
             yield from _report_committed(spec, partitions, done, len(keys))
@@ -394,10 +415,10 @@ def _report_committed(spec: StageSpec, partitions: PartitionStore, done: list[_P
 
 def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext,
                    partitions: PartitionStore, partition: str | None, model: _ModelOnce,
-                   *, in_range: bool) -> _Partition:
+                   resources: Mapping[str, Any], *, in_range: bool) -> _Partition:
     started = time.monotonic()
     inputs = _upstream_manifests(spec, context, partitions, partition, in_range=in_range)
-    fingerprint = spec.fingerprint(inputs)
+    fingerprint = spec.fingerprint(inputs, resources)
     attempt = partitions.begin(spec.key.path, partition, run_id=context.run.run_id,
                                fingerprint=fingerprint, log=context.log)
     reusable = attempt.reusable()
@@ -413,7 +434,7 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
                          spec.config)
     _tag_stage_run(context, spec)
     frame = _read_upstream(spec, partitions, inputs)
-    ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs), log=context.log)
+    ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs, resources), log=context.log)
     outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds,
                         claimed.claim.generation)
     meta = _stage_metadata(outcome, time.monotonic() - started)
