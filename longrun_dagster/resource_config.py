@@ -45,8 +45,8 @@ def _resolved(context: dg.AssetExecutionContext, key: str) -> Any:
 
 
 def _raw(context: dg.AssetExecutionContext, key: str) -> Any:
-    resources: Mapping[str, Any] = context.run.run_config.get("resources") or {}
-    given = resources.get(key)
+    resources = context.run.run_config.get("resources")
+    given = resources.get(key) if isinstance(resources, Mapping) else None
     if isinstance(given, Mapping) and "config" in given:
         return given["config"]
     definition = context.job_def.resource_defs.get(key)
