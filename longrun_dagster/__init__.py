@@ -36,6 +36,7 @@ _EXPORTS = {
     "StageContext": "longrun_dagster.stage",
     "StorageError": "longrun_dagster.errors",
     "UnsupportedOutput": "longrun_dagster.errors",
+    "StageOutputError": "longrun_dagster.errors",
     "ValidationFailed": "longrun_dagster.errors",
     "garbage_collection_job": "longrun_dagster.io_manager",
     "model_stage": "longrun_dagster.stage",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from longrun_dagster.errors import PartitionNotCommitted as PartitionNotCommitted
     from longrun_dagster.errors import Preempted as Preempted
     from longrun_dagster.errors import SegmentEnded as SegmentEnded
+    from longrun_dagster.errors import StageOutputError as StageOutputError
     from longrun_dagster.errors import StorageError as StorageError
     from longrun_dagster.errors import UnsupportedOutput as UnsupportedOutput
     from longrun_dagster.errors import ValidationFailed as ValidationFailed

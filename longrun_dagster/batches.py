@@ -44,7 +44,7 @@ import pyarrow
 from longrun_dagster.assembly import OutputTypes, frame_of, table_of
 from longrun_dagster.assembly import concat as concat_tables
 from longrun_dagster.checkpoint import Checkpointer, Restored
-from longrun_dagster.errors import ConfigError, Preempted, SegmentEnded
+from longrun_dagster.errors import Preempted, SegmentEnded, StageOutputError
 from longrun_dagster.formats import parquet
 from longrun_dagster.ledger import Ledger, Plan
 from longrun_dagster.validation import (
@@ -307,7 +307,7 @@ class BatchLoop:
         self.model_calls += 1
         out = self.fn(batch, index)
         if not isinstance(out, pd.DataFrame):
-            raise ConfigError(
+            raise StageOutputError(
                 f"{self.name}: the model function returned {type(out).__qualname__} for "
                 f"batch {index}; it must return a pandas DataFrame of output rows"
             )

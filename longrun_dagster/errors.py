@@ -10,6 +10,7 @@
     │   ├── CorruptObject                          size or digest differs from the manifest
     │   └── NewerFormat                            written by a newer longrun-dagster
     ├── UnsupportedOutput            (TypeError)   an object no format can store without pickle
+    ├── StageOutputError             (TypeError)   a stage's fn returned no DataFrame
     ├── IncompleteCommit                           a commit's rows do not match its ledger
     ├── ValidationFailed                           a stage's output is over its bad-row budget
     │                                              (raised as a dagster.Failure subclass)
@@ -33,6 +34,10 @@ class LongrunError(Exception):
 
 class ConfigError(LongrunError, ValueError):
     """A setting or declaration is wrong; the message says which and how to fix it."""
+
+
+class StageOutputError(LongrunError, TypeError):
+    """A stage's function returned something other than a pandas DataFrame."""
 
 
 class StorageError(LongrunError):

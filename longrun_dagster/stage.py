@@ -6,6 +6,7 @@ This module is the thin Dagster shell; the loop itself is ``batches.BatchLoop``.
 annotations at definition time.)
 """
 
+import difflib
 import inspect
 import time
 import warnings
@@ -37,7 +38,7 @@ from longrun_dagster.io_manager import (
 )
 from longrun_dagster.options import StageOptions
 from longrun_dagster.resource_config import resource_configs
-from longrun_dagster.validation import Schema, as_schema, failure_sample
+from longrun_dagster.validation import WRONG_COLUMNS, Schema, as_schema, failure_sample
 
 CHECK_NAME = "schema_valid_rows"
 STAGE_TAG = "longrun/stage"
@@ -354,6 +355,7 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     """One partition, or each partition of a range run as its own attempt (checkpoints,
     claim, validation, budget, commit), loading the model once for all of them."""
     partitions = _partition_store(spec, context)
+    _check_upstream(spec, context)
     keys = _run_partition_keys(context)
     model = _ModelOnce(spec.setup)
     resources = resource_configs(context, spec.resource_keys)
@@ -471,6 +473,34 @@ def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> Part
             f"resources={{{spec.io_manager_key!r}: AtomicObjectStoreIOManager(...)}}"
         )
     return io.partition_store()
+
+
+def _check_upstream(spec: StageSpec, context: dg.AssetExecutionContext) -> None:
+    """An upstream that is no asset of this code location, or that another IO manager
+    stores, named now (its rows would be "not committed" later, which misleads)."""
+    graph = context.job_def.asset_layer.asset_graph
+    key = spec.upstream
+    node = graph.get(key) if graph.has(key) else None
+    if node is None or (node.assets_def is not None and node.assets_def.is_auto_created_stub):
+        known = sorted(k.to_user_string() for k in graph.get_all_asset_keys()
+                       if k != spec.key and not graph.get(k).assets_def.is_auto_created_stub)
+        close = difflib.get_close_matches(key.to_user_string(), known, n=1)
+        raise ConfigError(
+            f"model stage {spec.name}: upstream {key.to_user_string()!r} is no asset of this "
+            f"code location" + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" Its assets: {', '.join(known) or 'none'}")
+    if not node.is_materializable or node.assets_def is None:
+        return  # an external asset: committed by another code location, or not at all
+    io_key = node.assets_def.get_io_manager_key_for_asset_key(key)
+    definition = context.job_def.resource_defs.get(io_key)
+    cls = getattr(definition, "configurable_resource_cls", None)
+    if cls is None or not issubclass(cls, AtomicObjectStoreIOManager):
+        shown = cls.__qualname__ if cls is not None else type(definition).__qualname__
+        raise ConfigError(
+            f"model stage {spec.name} reads the committed rows of {key.to_user_string()!r}, "
+            f"whose IO manager {io_key!r} is a {shown}, not an AtomicObjectStoreIOManager; "
+            f"store it with one (io_manager_key={spec.io_manager_key!r} on the asset, or "
+            f"resources={{{io_key!r}: AtomicObjectStoreIOManager(...)}})")
 
 
 def _upstream_manifests(spec: StageSpec, context: dg.AssetExecutionContext,
@@ -621,6 +651,15 @@ def _judge(spec: StageSpec, meta: dict[str, Any], partition: str | None) -> dict
     check = dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata=check_meta,
                                 severity=dg.AssetCheckSeverity.ERROR)
     checked = meta["rows_out"] + meta["rows_quarantined"]
+    columns = next((c["value"] for c in meta["failure_sample"]
+                    if c["check"] == WRONG_COLUMNS), None)
+    if columns is not None:
+        raise _OverBudget(check, _failed(spec, meta, partition, checked, (
+            f"{describe(spec.key.path, partition)}: the model function returned the wrong "
+            f"columns ({columns}); the schema's columns are "
+            f"{', '.join(map(repr, map(str, spec.schema.columns)))}. Fix the names fn returns; "
+            f"{meta['rows_quarantined']} of {checked} output rows were quarantined for it. "
+            "Nothing was committed and downstream stages do not run")))
     first = "; ".join(f"{c['column']}: {c['check']} failed on {c['value']!r}"
                       + (f" (row {c['row']} of the partition's output)"
                          if c["row"] is not None else "")
@@ -631,13 +670,18 @@ def _judge(spec: StageSpec, meta: dict[str, Any], partition: str | None) -> dict
         f"{spec.max_bad_fraction:.1%}. First failures: {first}. Nothing was committed and "
         "downstream stages do not run. The model's output is checkpointed, so re-running "
         "unchanged fails the same way: raise max_bad_fraction to commit it from the checkpoint "
-        "without calling the model again, or fix the model and change code_version (or its "
-        "config), which recomputes the partition"
+        "without calling the model again, or fix the model (an edit to fn, setup or their "
+        "config recomputes the partition; with code_version set, change it too)"
     )
-    raise _OverBudget(check, StageValidationFailed(
+    raise _OverBudget(check, _failed(spec, meta, partition, checked, message))
+
+
+def _failed(spec: StageSpec, meta: dict[str, Any], partition: str | None, checked: int,
+            message: str) -> StageValidationFailed:
+    return StageValidationFailed(
         message, metadata=_dagster_metadata(meta), asset=spec.key.to_user_string(),
         partition=partition, rows_checked=checked, rows_invalid=meta["rows_quarantined"],
-        failure_cases=meta["failure_sample"]))
+        failure_cases=meta["failure_sample"])
 
 
 def _reused(attempt: PartitionAttempt, manifest: Manifest, context: dg.AssetExecutionContext,

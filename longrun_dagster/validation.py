@@ -88,7 +88,7 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int 
         checked = schema.validate(frame, lazy=True)
         return Report(_valid(checked, schema), empty_quarantine(), no_cases(), checked.index)
     except pa.errors.SchemaErrors as exc:
-        cases = _cases(exc.failure_cases)
+        cases = _columns_named(_cases(exc.failure_cases), frame)
     bad = _bad_rows(cases, frame.index)
     good = frame.drop(index=sorted(bad))
     try:
@@ -138,6 +138,27 @@ def _cases(raw: pd.DataFrame) -> pd.DataFrame:
     cases["check"] = cases["check"].astype(str)
     cases["failure_case"] = cases["failure_case"].map(_text)
     return cases.reset_index(drop=True)
+
+
+WRONG_COLUMNS = "wrong_columns"
+_COLUMN_CHECKS = {"column_in_dataframe": "missing", "column_in_schema": "unexpected"}
+
+
+def _columns_named(cases: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """pandera's one case per missing or unexpected column, as one case that names them
+    all beside the columns the function returned (a misspelled column, not bad rows)."""
+    wrong = cases["check"].isin(list(_COLUMN_CHECKS))
+    if not wrong.any():
+        return cases
+    parts = []
+    for check, word in _COLUMN_CHECKS.items():
+        names = cases.loc[cases["check"] == check, "failure_case"].tolist()
+        if names:
+            parts.append(f"{word} column(s) {', '.join(map(repr, names))}")
+    parts.append(f"returned columns: {', '.join(repr(str(c)) for c in frame.columns)}")
+    one = pd.DataFrame({"column": ["None"], "check": [WRONG_COLUMNS],
+                        "failure_case": ["; ".join(parts)], "index": [None]})
+    return pd.concat([one, cases[~wrong]], ignore_index=True)
 
 
 def _bad_rows(cases: pd.DataFrame, rows: pd.Index) -> set[int]:

@@ -107,7 +107,7 @@ def test_over_budget_fails_clearly_commits_nothing_and_blocks_downstream(
                    and e.step_key == "scores")
     message = failure.step_failure_data.error.message  # type: ignore[union-attr]
     for part in ("scores", DAY, "30 of 200", "15.0%", "5.0%", "score",
-                 "raise max_bad_fraction", "change code_version", "re-running unchanged"):
+                 "raise max_bad_fraction", "an edit to fn", "re-running unchanged"):
         assert part in message, (part, message)
     assert io.partition_store().lookup(["scores"], DAY) is None
     assert -1 not in pipeline.CALLS, "downstream ran on bad data"

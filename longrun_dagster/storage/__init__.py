@@ -29,20 +29,11 @@ def open_store(uri: str, *, s3_client: Any = None) -> ObjectStore:
     For S3, pass a boto3 client (in Dagster: ``S3Resource(...).get_client()``); without
     one, boto3's default client is built from the environment.
     """
-    parsed = urlparse(uri)
+    parsed = urlparse(checked_base_uri(uri))
     if parsed.scheme in ("", "file"):
-        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
-            raise ConfigError(
-                f"base URI {uri!r} names host {parsed.netloc!r}; write file:///absolute/path "
-                "(three slashes) or a plain path"
-            )
         path = unquote(parsed.path) if parsed.scheme == "file" else uri
-        if not path:
-            raise ConfigError("empty base URI; give file:///path, a path, or s3://bucket/prefix")
         return LocalStore(Path(path).expanduser())
     if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise ConfigError(f"base URI {uri!r} has no bucket; write s3://bucket/prefix")
         try:
             from longrun_dagster.storage.s3 import S3Store
             if s3_client is None:
@@ -54,7 +45,44 @@ def open_store(uri: str, *, s3_client: Any = None) -> ObjectStore:
                 f"base URI {uri!r} needs boto3, which is not installed ({exc}); install "
                 "longrun-dagster[s3]") from exc
         return S3Store(s3_client, parsed.netloc, parsed.path.strip("/"))
+    raise AssertionError(uri)  # checked_base_uri refused it
+
+
+def checked_base_uri(uri: str) -> str:
+    """``uri`` if it is a base URI ``open_store`` can open, else a ``ConfigError`` that
+    names the fix; nothing is opened."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"base URI {uri!r} names host {parsed.netloc!r}; write file:///absolute/path "
+                "(three slashes) or a plain path"
+            )
+        path = unquote(parsed.path) if parsed.scheme == "file" else uri
+        if not path:
+            raise ConfigError("empty base URI; give file:///path, a path, or s3://bucket/prefix")
+        _absolute(uri, Path(path).expanduser())
+        return uri
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"base URI {uri!r} has no bucket; write s3://bucket/prefix")
+        return uri
     raise ConfigError(
         f"unsupported base URI scheme {parsed.scheme!r} in {uri!r}; use file:///path, a "
         "local path, or s3://bucket/prefix"
     )
+
+
+def _absolute(uri: str, path: Path) -> None:
+    """A local base must be absolute: a relative one is resolved against each process's
+    working directory, and the CLI's, the daemon's and a run worker's differ."""
+    if path.is_absolute():
+        return
+    first = path.parts[0] if path.parts else ""
+    if first in ("s3", "file", "gs", "http", "https"):  # s3//bucket/x: a colon went missing
+        fixed = f"{first}://{'/' if first == 'file' else ''}{'/'.join(path.parts[1:])}"
+        raise ConfigError(f"base URI {uri!r} is a relative path; did you mean {fixed!r}?")
+    raise ConfigError(
+        f"base URI {uri!r} is a relative path, which each process (the CLI, the daemon, a "
+        f"run worker) would resolve against its own working directory; give an absolute "
+        f"path or file:///absolute/path, e.g. {path.absolute().as_uri()!r}")
