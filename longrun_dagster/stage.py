@@ -271,13 +271,20 @@ def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
             metadata={**o.metadata, "longrun/batch_size": o.batch_size,
                       "longrun/max_bad_fraction": o.max_bad_fraction,
                       "dagster/column_schema": column_schema(schema)},
-            check_specs=[dg.AssetCheckSpec(
-                CHECK_NAME, asset=key, blocking=True,
-                description=f"at most {o.max_bad_fraction:.1%} of output rows fail the schema",
-            )],
+            check_specs=[_check_spec(key, o.max_bad_fraction, partitions_def)],
         )(compute)
 
     return decorate
+
+
+def _check_spec(key: dg.AssetKey, max_bad_fraction: float,
+                partitions_def: dg.PartitionsDefinition | None) -> dg.AssetCheckSpec:
+    """The schema check, partitioned like its asset: one verdict per partition in the UI."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)  # a partitioned check is preview
+        return dg.AssetCheckSpec(
+            CHECK_NAME, asset=key, blocking=True, partitions_def=partitions_def,
+            description=f"at most {max_bad_fraction:.1%} of output rows fail the schema")
 
 
 def _refuse_async(fn: Any, setup: Any, name: str) -> None:
@@ -366,7 +373,11 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
                                        in_range=len(keys) > 1))
         except _OverBudget as over:
             yield from _report_committed(spec, partitions, done, len(keys))
-            yield over.check
+            if len(keys) == 1:
+                yield over.check
+            else:
+                yield _evaluation(spec, key, over.check)
+                yield from _check_output(spec, context)
             raise over.failure from None
         except BaseException:
             yield from _report_committed(spec, partitions, done, len(keys))
@@ -383,9 +394,9 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
                      f"loaded {model.loads} time(s)")
     for one in done:
         context.add_asset_metadata(_partition_metadata(partitions, one), partition_key=one.key)
-    yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata={
-        "partitions": len(done), "reused": reused,
-        "rows_quarantined": sum(int(d.check.get("rows_quarantined", 0)) for d in done)})
+        yield _evaluation(spec, one.key, dg.AssetCheckResult(
+            check_name=CHECK_NAME, passed=True, metadata=one.check))
+    yield from _check_output(spec, context)
     yield dg.Output({d.key: CommittedPartition(d.manifest, reused=d.reused) for d in done},
                     metadata={"partitions": len(done), "model_loads": model.loads})
 
@@ -413,6 +424,28 @@ def _report_committed(spec: StageSpec, partitions: PartitionStore, done: list[_P
     for one in done:
         yield dg.AssetMaterialization(asset_key=spec.key, partition=one.key,
                                       metadata=_partition_metadata(partitions, one))
+        yield _evaluation(spec, one.key, dg.AssetCheckResult(
+            check_name=CHECK_NAME, passed=True, metadata=one.check))
+
+
+def _check_output(spec: StageSpec, context: dg.AssetExecutionContext
+                  ) -> Generator[dg.Output[None], None, None]:
+    """The check's (valueless) output, which a range run's per-partition verdicts do not
+    give Dagster, when the check is selected."""
+    key = dg.AssetCheckKey(spec.key, CHECK_NAME)
+    if key in context.assets_def.check_keys:
+        name = context.job_def.asset_layer.get_op_output_name(key)
+        yield dg.Output(None, output_name=name)
+
+
+def _evaluation(spec: StageSpec, partition: str | None, result: dg.AssetCheckResult
+                ) -> dg.AssetCheckEvaluation:
+    """A check verdict for one partition of a range run (Dagster gives a check result of
+    a range run no partition)."""
+    return dg.AssetCheckEvaluation(
+        asset_key=spec.key, check_name=CHECK_NAME, passed=result.passed,
+        metadata=result.metadata, severity=result.severity, blocking=True,
+        partition=partition)
 
 
 def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext,

@@ -164,3 +164,26 @@ def test_the_sensor_relaunches_a_range_run_over_the_same_range() -> None:
     assert request.partition_key is None
     assert request.tags[RANGE_START_TAG] == ALL[0] and request.tags[RANGE_END_TAG] == ALL[-1]
     assert request.asset_selection == [dg.AssetKey("scores")]
+
+
+def check_verdicts(result: dg.ExecuteInProcessResult) -> dict[str | None, bool]:
+    return {e.partition: e.passed for e in
+            (ev.event_specific_data for ev in result.all_events
+             if ev.event_type_value == "ASSET_CHECK_EVALUATION")}  # type: ignore[union-attr]
+
+
+def test_the_schema_check_is_partitioned_one_verdict_per_partition(
+        io: AtomicObjectStoreIOManager) -> None:
+    """The check had no partitions definition: the UI showed one verdict for all days, and
+    the latest partition's overwrote the others."""
+    [spec] = scores.check_specs
+    assert spec.partitions_def == DAYS
+    FAIL_IN.add(ALL[-1])  # a range failing in its last day: a verdict for each committed
+    try:
+        failed = run_range(io, ALL[0], ALL[-1])
+    finally:
+        FAIL_IN.discard(ALL[-1])
+    assert not failed.success
+    assert check_verdicts(failed) == {d: True for d in ALL[:-1]}
+    assert check_verdicts(run_one(io, ALL[-1])) == {ALL[-1]: True}
+    assert check_verdicts(run_range(io, ALL[0], ALL[-1])) == {d: True for d in ALL}
