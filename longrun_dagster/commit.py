@@ -86,7 +86,7 @@ class PartitionStore:
     def read(self, asset: AssetPath, partition: str | None, role: str = "data"
              ) -> tuple[Manifest, bytes]:
         """The verified bytes of a committed partition's ``role`` object."""
-        manifest = self._committed(asset, partition)
+        manifest = self.committed(asset, partition)
         stored = manifest.object(role)
         if stored is None:
             return manifest, b""
@@ -96,7 +96,7 @@ class PartitionStore:
              ) -> tuple[Manifest, Any]:
         """A committed partition's ``role`` object, verified, then decoded (DataFrame,
         tensors or JSON)."""
-        manifest = self._committed(asset, partition)
+        manifest = self.committed(asset, partition)
         stored = manifest.object(role)
         if stored is None:
             return manifest, formats.decode(manifest.format, b"")
@@ -104,7 +104,8 @@ class PartitionStore:
         return manifest, self.read_object(asset, partition, stored,
                                           decode=lambda data: formats.decode(fmt, data))
 
-    def _committed(self, asset: AssetPath, partition: str | None) -> Manifest:
+    def committed(self, asset: AssetPath, partition: str | None) -> Manifest:
+        """The committed version of a partition; ``PartitionNotCommitted`` if none."""
         manifest = self.lookup(asset, partition)
         if manifest is None:
             where = self.uri(asset, partition)

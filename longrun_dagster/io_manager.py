@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field, PrivateAttr
 
 from longrun_dagster.attempt import Reused
 from longrun_dagster.commit import Manifest, PartitionStore
 from longrun_dagster.errors import ConfigError, PartitionNotCommitted
+from longrun_dagster.formats import parquet
 from longrun_dagster.storage import open_store
+from longrun_dagster.validation import quarantine_rows
 
 BASE_URI_ENV = "LONGRUN_BASE_URI"
 
@@ -63,6 +66,11 @@ def materialization_metadata(
         meta["rows"] = manifest.rows
     if manifest.fingerprint:
         meta["fingerprint"] = manifest.fingerprint
+    quarantine = manifest.object("quarantine")
+    if quarantine is not None:  # read it with AtomicObjectStoreIOManager.load_quarantine
+        meta["quarantine_uri"] = dg.MetadataValue.path(
+            store.store.uri_of(store.prefix(manifest.asset, manifest.partition)
+                               + quarantine.name))
     return meta
 
 
@@ -111,6 +119,22 @@ class AtomicObjectStoreIOManager(dg.ConfigurableIOManager):
         client = s3.get_client() if s3 is not None and uri.startswith("s3:") else None
         return PartitionStore(open_store(uri, s3_client=client),
                               gc_grace_seconds=self.gc_grace_seconds)
+
+    def load_quarantine(self, asset: "dg.AssetsDefinition | dg.AssetKey | str",
+                        partition: str | None = None) -> pd.DataFrame:
+        """The rows a stage quarantined in its committed ``partition``: one row each,
+        indexed by its row number in the stage's output, with its values (the columns the
+        model returned) and ``failures``, a list of ``{"column", "check", "value"}``. No
+        bad rows: an empty frame. ``PartitionNotCommitted`` if nothing is committed."""
+        key = (asset.key if isinstance(asset, dg.AssetsDefinition)
+               else asset if isinstance(asset, dg.AssetKey)
+               else dg.AssetKey.from_user_string(asset))
+        store = self.partition_store()
+        manifest = store.committed(key.path, partition)
+        stored = manifest.object("quarantine")
+        raw = None if stored is None else store.read_object(
+            key.path, partition, stored, decode=parquet.loads)
+        return quarantine_rows(raw)
 
     def partition_store(self) -> PartitionStore:
         """The plain commit-protocol object this IO manager writes through."""

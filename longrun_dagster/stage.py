@@ -17,6 +17,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pandera.pandas as pa
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 
 from longrun_dagster import fingerprint, tags
 from longrun_dagster.attempt import PartitionAttempt, Reused
@@ -372,21 +375,21 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
             done.append(_one_partition(spec, fn, context, partitions, key, model, resources,
                                        in_range=len(keys) > 1))
         except _OverBudget as over:
-            yield from _report_committed(spec, partitions, done, len(keys))
+            yield from _report_committed(spec, context, partitions, done, len(keys))
             if len(keys) == 1:
                 yield over.check
             else:
-                yield _evaluation(spec, key, over.check)
+                yield _evaluation(spec, context, key, over.check)
                 yield from _check_output(spec, context)
             raise over.failure from None
         except BaseException:
-            yield from _report_committed(spec, partitions, done, len(keys))
+            yield from _report_committed(spec, context, partitions, done, len(keys))
             raise
-    if len(keys) == 1:
-        [one] = done
-        yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata=one.check)
+    if len(keys) == 1:  # the output first: a verdict is current for the materialization
+        [one] = done      # before it, so the UI shows it for that partition
         yield _output(CommittedPartition(one.manifest, reused=one.reused), one.fingerprint,
                       one.metadata)
+        yield dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, metadata=one.check)
         return
     reused = sum(d.reused for d in done)
     context.log.info(f"{len(done)} partitions of asset {spec.key.to_user_string()}: {reused} "
@@ -394,11 +397,12 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
                      f"loaded {model.loads} time(s)")
     for one in done:
         context.add_asset_metadata(_partition_metadata(partitions, one), partition_key=one.key)
-        yield _evaluation(spec, one.key, dg.AssetCheckResult(
-            check_name=CHECK_NAME, passed=True, metadata=one.check))
-    yield from _check_output(spec, context)
     yield dg.Output({d.key: CommittedPartition(d.manifest, reused=d.reused) for d in done},
                     metadata={"partitions": len(done), "model_loads": model.loads})
+    for one in done:
+        yield _evaluation(spec, context, one.key, dg.AssetCheckResult(
+            check_name=CHECK_NAME, passed=True, metadata=one.check))
+    yield from _check_output(spec, context)
 
 
 def _run_partition_keys(context: dg.AssetExecutionContext) -> list[str | None]:
@@ -415,8 +419,9 @@ def _partition_metadata(partitions: PartitionStore, one: _Partition) -> dict[str
             **one.metadata}
 
 
-def _report_committed(spec: StageSpec, partitions: PartitionStore, done: list[_Partition],
-                      total: int) -> Generator[Any, None, None]:
+def _report_committed(spec: StageSpec, context: dg.AssetExecutionContext,
+                      partitions: PartitionStore, done: list[_Partition], total: int
+                      ) -> Generator[Any, None, None]:
     """A range run that fails at partition k still reports the partitions it committed
     before k (they stay committed, and a relaunch reuses them)."""
     if total == 1:
@@ -424,7 +429,7 @@ def _report_committed(spec: StageSpec, partitions: PartitionStore, done: list[_P
     for one in done:
         yield dg.AssetMaterialization(asset_key=spec.key, partition=one.key,
                                       metadata=_partition_metadata(partitions, one))
-        yield _evaluation(spec, one.key, dg.AssetCheckResult(
+        yield _evaluation(spec, context, one.key, dg.AssetCheckResult(
             check_name=CHECK_NAME, passed=True, metadata=one.check))
 
 
@@ -438,14 +443,21 @@ def _check_output(spec: StageSpec, context: dg.AssetExecutionContext
         yield dg.Output(None, output_name=name)
 
 
-def _evaluation(spec: StageSpec, partition: str | None, result: dg.AssetCheckResult
-                ) -> dg.AssetCheckEvaluation:
+def _evaluation(spec: StageSpec, context: dg.AssetExecutionContext, partition: str | None,
+                result: dg.AssetCheckResult) -> dg.AssetCheckEvaluation:
     """A check verdict for one partition of a range run (Dagster gives a check result of
-    a range run no partition)."""
+    a range run no partition), aimed at the partition's latest materialization, so the UI
+    takes it as that materialization's verdict."""
+    latest = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=spec.key, asset_partitions=[partition]),
+        limit=1).records if partition is not None else []
+    target = AssetCheckEvaluationTargetMaterializationData(
+        run_id=latest[0].event_log_entry.run_id, storage_id=latest[0].storage_id,
+        timestamp=latest[0].timestamp) if latest else None
     return dg.AssetCheckEvaluation(
         asset_key=spec.key, check_name=CHECK_NAME, passed=result.passed,
         metadata=result.metadata, severity=result.severity, blocking=True,
-        partition=partition)
+        partition=partition, target_materialization_data=target)
 
 
 def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext,
@@ -626,8 +638,9 @@ def _stage_metadata(outcome: Outcome, wall: float) -> dict[str, Any]:
         "rows_in": outcome.rows_in,
         "rows_out": len(outcome.output),
         "rows_quarantined": outcome.rows_quarantined,
-        "bad_fraction": outcome.rows_quarantined / checked if checked else 0.0,
-        "failure_sample": failure_sample(outcome.failure_cases),
+        "bad_fraction": _fraction(outcome.rows_quarantined / checked if checked else 0.0),
+        "failure_sample": failure_sample(outcome.failure_cases,
+                                         quarantine=outcome.quarantine),
         "batches": outcome.batches,
         "model_calls": outcome.model_calls,
         "checkpoints_written": outcome.checkpoints,
@@ -635,6 +648,11 @@ def _stage_metadata(outcome: Outcome, wall: float) -> dict[str, Any]:
         "wall_seconds": round(wall, 3),
         **outcome.hook_metadata,
     }
+
+
+def _fraction(x: float) -> float:
+    """4 significant digits: 0.0833, not 0.08333333333333333 (and 1e-05 stays)."""
+    return float(f"{x:.4g}")
 
 
 def _dagster_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -663,14 +681,16 @@ def column_schema(schema: pa.DataFrameSchema) -> dg.TableSchema:
 
 FAILURE_COLUMNS = dg.TableSchema(columns=[
     dg.TableColumn("column", "string"), dg.TableColumn("check", "string"),
-    dg.TableColumn("value", "string"), dg.TableColumn("row", "int")])
+    dg.TableColumn("value", "string"), dg.TableColumn("row", "int"),
+    dg.TableColumn("row_values", "string", description="the row as the model returned it")])
 
 
 def failure_table(sample: list[dict[str, Any]]) -> dg.TableMetadataValue:
     """Failure cases as a table the UI renders (values as text: any type can fail)."""
     return dg.MetadataValue.table(schema=FAILURE_COLUMNS, records=[dg.TableRecord({
         "column": None if c["column"] is None else str(c["column"]),
-        "check": str(c["check"]), "value": str(c["value"]), "row": c["row"]})
+        "check": str(c["check"]), "value": str(c["value"]), "row": c["row"],
+        "row_values": str(c.get("row_values", ""))})
         for c in sample])
 
 

@@ -213,9 +213,33 @@ def _built_no_cases() -> pd.DataFrame:
     return pd.DataFrame({"column": [], "check": [], "failure_case": [], "index": []})
 
 
-def failure_sample(cases: pd.DataFrame, limit: int = 5) -> list[dict[str, Any]]:
+def failure_sample(cases: pd.DataFrame, limit: int = 5,
+                   quarantine: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """The first ``limit`` failure cases as plain dicts (for errors and metadata); ``row``
-    is the row number users look up (None for a failure of the whole frame)."""
-    return [{"column": c["column"], "check": c["check"], "value": c["failure_case"],
-             "row": None if pd.isna(c["index"]) else int(c["index"])}
-            for c in cases.head(limit).to_dict("records")]
+    is the row number users look up (None for a failure of the whole frame), and
+    ``row_values`` that row as the model returned it (JSON, from ``quarantine``)."""
+    rows = ({} if quarantine is None or "position" not in quarantine.columns
+            else dict(zip(quarantine["position"], quarantine["row"], strict=True)))
+    sample = []
+    for c in cases.head(limit).to_dict("records"):
+        row = None if pd.isna(c["index"]) else int(c["index"])
+        values = _clipped(str(rows[row])) if row in rows else ""
+        sample.append({"column": c["column"], "check": c["check"], "value": c["failure_case"],
+                       "row": row, "row_values": values})
+    return sample
+
+
+def _clipped(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def quarantine_rows(raw: pd.DataFrame | None) -> pd.DataFrame:
+    """A stored quarantine (``row`` and ``failures`` as JSON) as users read it: the row's
+    values as columns, ``failures`` as a list of dicts, indexed by row number."""
+    if raw is None or not len(raw):
+        return pd.DataFrame({"failures": pd.Series([], dtype=object)},
+                            index=pd.Index([], dtype="int64", name="row"))
+    rows = pd.Index(raw["position"].astype("int64"), name="row")
+    values = pd.DataFrame([json.loads(r) for r in raw["row"]], index=rows)
+    values["failures"] = [json.loads(f) for f in raw["failures"]]
+    return values

@@ -65,10 +65,51 @@ def test_failure_cases_are_a_table(tmp_path: Path, misbehave: dict[str, Any]) ->
     [check] = result.get_asset_check_evaluations()
     table = check.metadata["failure_sample"]
     assert isinstance(table, dg.TableMetadataValue)
-    assert [c.name for c in table.schema.columns] == ["column", "check", "value", "row"]
+    assert [c.name for c in table.schema.columns] == ["column", "check", "value", "row",
+                                                      "row_values"]
     [record] = table.records
+    row_values = record.data.pop("row_values")
     assert record.data == {"column": "score", "check": "less_than_or_equal_to(1.0)",
                            "value": "7.5", "row": 20}
+    # the offending row itself, not only the value that failed (value: nan said nothing)
+    assert f'"id":"{DAY}-20"' in row_values and '"score":7.5' in row_values
+
+
+def test_the_quarantine_is_readable_and_its_uri_is_in_the_metadata(
+        tmp_path: Path, misbehave: dict[str, Any]) -> None:
+    """Metadata gave the partition's folder, and the README did not say how to read the
+    quarantine; users guessed partition_store().load([asset], part, role="quarantine")."""
+    misbehave["out_of_range"] = {2}
+    misbehave["nan"] = {5}
+    with dg.instance_for_test() as instance:
+        result = materialize(tmp_path, instance)
+    assert result.success
+    meta = stage_metadata(result)
+    uri = meta["quarantine_uri"].value
+    assert uri.startswith((tmp_path / "lr").as_uri()) and "quarantine" in uri
+    assert Path(uri.removeprefix("file://")).is_file()
+    io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
+    bad = io.load_quarantine("scores", DAY)
+    assert list(bad.index) == [20, 50] and bad.index.name == "row"
+    assert list(bad.columns) == ["id", "score", "label", "failures"]
+    assert bad.loc[20, "score"] == 7.5 and bad.loc[20, "id"] == f"{DAY}-20"
+    assert [f["check"] for f in bad.loc[20, "failures"]] == ["less_than_or_equal_to(1.0)"]
+    assert bad.loc[50, "failures"][0]["column"] == "score"
+    assert meta["bad_fraction"].value == 0.01  # 2 of 200, rounded (not 0.01000000002)
+
+
+def test_a_partition_without_bad_rows_has_an_empty_quarantine(tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+        assert materialize(tmp_path, instance).success
+    io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
+    bad = io.load_quarantine(dg.AssetKey("scores"), DAY)
+    assert len(bad) == 0 and "failures" in bad.columns
+    assert "quarantine_uri" not in stage_metadata_of(tmp_path)
+
+
+def stage_metadata_of(tmp_path: Path) -> dict[str, Any]:
+    with dg.instance_for_test() as instance:
+        return stage_metadata(materialize(tmp_path, instance))
 
 
 def test_a_reused_partition_keeps_the_figures_of_the_run_that_computed_it(

@@ -100,6 +100,15 @@ ASSET_PARTITIONS = """query AssetPartitions($key: AssetKeyInput!, $partitions: [
 }
 """ + METADATA
 
+CHECKS = """query Checks($key: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $key) { __typename
+    ... on AssetNode { assetChecksOrError { __typename
+      ... on AssetChecks { checks { name partitionDefinition { description }
+        partitionStatuses { __typename
+          ... on AssetCheckTimePartitionStatuses { ranges { status startKey endKey } } } } } } }
+  }
+}"""
+
 FINISHED = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 
 
@@ -365,6 +374,21 @@ def test_ui_shows_the_stages_and_their_metadata(
         page.screenshot(path=ARTIFACTS / "quality-columns.png", full_page=True)
 
 
+def test_ui_shows_one_check_verdict_per_partition(
+    deployment: Services, first_backfill: dict[str, Any]
+) -> None:
+    """The schema check was not partitioned: GraphQL showed partitionDefinition null, and
+    the UI one verdict for all days (the latest partition's)."""
+    for stage in STAGES:
+        node = deployment.graphql(CHECKS, {"key": {"path": [stage]}})["assetNodeOrError"]
+        [check] = [c for c in node["assetChecksOrError"]["checks"]
+                   if c["name"] == "schema_valid_rows"]
+        assert check["partitionDefinition"] is not None, (stage, check)
+        ranges = check["partitionStatuses"]["ranges"]
+        assert [(r["status"], r["startKey"], r["endKey"]) for r in ranges] == [
+            ("SUCCEEDED", DAYS[0], DAYS[-1])], (stage, ranges)
+
+
 def test_second_backfill_reuses_every_model_stage(
     deployment: Services, first_backfill: dict[str, Any], s3_endpoint: str
 ) -> None:
@@ -490,5 +514,6 @@ def test_the_queries_match_the_installed_graphql_schema() -> None:
     from graphql import parse, validate
 
     schema = create_schema().graphql_schema
-    for query in (LAUNCH_BACKFILL, BACKFILL, RUN_EVENTS, ASSET_GRAPH, ASSET_PARTITIONS):
+    for query in (LAUNCH_BACKFILL, BACKFILL, RUN_EVENTS, ASSET_GRAPH, ASSET_PARTITIONS,
+                  CHECKS):
         assert validate(schema, parse(query)) == [], query
