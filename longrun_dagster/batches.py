@@ -176,6 +176,8 @@ class Outcome:
     ledger: Ledger
     """Every batch's input rows, rows out and rows quarantined; the commit checks the
     output and quarantine against it."""
+    counts: dict[str, float] = field(default_factory=dict)
+    """What fn counted (``stage.count``), over every batch of the partition once."""
 
     @property
     def rows_quarantined(self) -> int:
@@ -195,8 +197,10 @@ class BatchLoop:
                  asset: str = "", setup: Callable[[], None] | None = None,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
                  pipelined: bool = True, still_holds: Callable[[], bool] | None = None,
-                 generation: int = 0) -> None:
+                 generation: int = 0,
+                 counts: Callable[[], dict[str, float]] | None = None) -> None:
         self.fn, self.frame, self.batch_size = fn, frame, batch_size
+        self.counts = counts  # what fn counted in the batch it just ran (stage.count)
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
         self.one_row_per_input = one_row_per_input
@@ -249,7 +253,7 @@ class BatchLoop:
             batches=self.progress.batches_total, checkpoints=self.ckpt.saves,
             resumed_from_batch=self.progress.resumed_from_batch,
             wall_seconds=time.monotonic() - started, model_calls=self.model_calls,
-            hook_metadata=meta, ledger=self.ledger,
+            hook_metadata=meta, ledger=self.ledger, counts=self.ledger.counts,
         )
 
     def _start(self) -> None:
@@ -288,14 +292,15 @@ class BatchLoop:
             self._check_stop(index, per_batch)
             began = time.monotonic()
             batch, out = self._call_model(index)
+            counted = self.counts() if self.counts is not None else {}
             self._join()  # pipelined: batch index-1, checked while the model ran this one
             self._announce()
             if self._worker is None:
-                self._complete(index, batch, out)
+                self._complete(index, batch, out, counted)
                 self._announce()
             else:
                 self._checking = self._worker.submit(self._complete, index, batch,
-                                                     _snapshot(out))
+                                                     _snapshot(out), counted)
             per_batch = max(per_batch, time.monotonic() - began)
         self._join()
         self._announce()
@@ -327,7 +332,8 @@ class BatchLoop:
             self.log.info(f"{self.name}: {self.progress.describe()}")
             self._logged = time.monotonic()
 
-    def _complete(self, index: int, batch: pd.DataFrame, out: pd.DataFrame) -> None:
+    def _complete(self, index: int, batch: pd.DataFrame, out: pd.DataFrame,
+                  counted: dict[str, float] | None = None) -> None:
         """Validate and normalise batch ``index``'s output and add it: on the worker thread
         when pipelined (batches strictly in order, since row numbers count the output rows
         of the batches before), else on the loop's thread."""
@@ -346,7 +352,7 @@ class BatchLoop:
         with self._lock:
             for kind, frame in frames.items():
                 self._frames[kind].append(frame)
-            self.ledger.add(index, len(report.valid), report.rows_invalid)
+            self.ledger.add(index, len(report.valid), report.rows_invalid, counted)
             self._rows_out += report.rows_checked
             self.progress.batches_done = index + 1
             self.progress.rows_done = min((index + 1) * self.batch_size, len(self.frame))

@@ -7,8 +7,9 @@ The checks are the last line of defence, whatever the bug upstream of them: a cu
 skipped a failed write's batches, a shard that lost rows, a validator that dropped rows.
 """
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from longrun_dagster.errors import IncompleteCommit
@@ -17,16 +18,20 @@ from longrun_dagster.errors import IncompleteCommit
 @dataclass(frozen=True)
 class Entry:
     """One completed batch: input rows ``[start, stop)``, rows out (valid), rows
-    quarantined."""
+    quarantined, and what the stage's function counted while it ran (``stage.count``:
+    tokens, retries), so a resume keeps the partition's counters exact."""
 
     batch: int
     start: int
     stop: int
     rows_out: int
     rows_quarantined: int
+    counts: Mapping[str, float] = field(default_factory=dict)
 
-    def as_json(self) -> list[int]:
-        return [self.batch, self.start, self.stop, self.rows_out, self.rows_quarantined]
+    def as_json(self) -> list[Any]:
+        rows: list[Any] = [self.batch, self.start, self.stop, self.rows_out,
+                           self.rows_quarantined]
+        return rows + [dict(self.counts)] if self.counts else rows
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,10 @@ class Ledger:
         self.plan = plan
         self.entries: list[Entry] = list(entries)
 
-    def add(self, batch: int, rows_out: int, rows_quarantined: int) -> Entry:
+    def add(self, batch: int, rows_out: int, rows_quarantined: int,
+            counts: Mapping[str, float] | None = None) -> Entry:
         start, stop = self.plan.rows_of(batch)
-        entry = Entry(batch, start, stop, rows_out, rows_quarantined)
+        entry = Entry(batch, start, stop, rows_out, rows_quarantined, dict(counts or {}))
         self.entries.append(entry)
         return entry
 
@@ -70,6 +76,15 @@ class Ledger:
     def rows_quarantined(self) -> int:
         return sum(e.rows_quarantined for e in self.entries)
 
+    @property
+    def counts(self) -> dict[str, float]:
+        """Each counter summed over the batches (each batch once)."""
+        total: dict[str, float] = {}
+        for entry in self.entries:
+            for name, n in entry.counts.items():
+                total[name] = total.get(name, 0) + n
+        return total
+
     def span(self, first: int, stop: int) -> tuple[int, int]:
         """(rows out, rows quarantined) of batches ``[first, stop)``."""
         chosen = [e for e in self.entries if first <= e.batch < stop]
@@ -81,11 +96,10 @@ class Ledger:
     @classmethod
     def from_json(cls, plan: Plan, raw: Any) -> "Ledger":
         """A ledger read from a cursor; ``ValueError`` if it is not a list of entries."""
-        if not isinstance(raw, list) or not all(
-                isinstance(e, list) and len(e) == 5 and all(type(v) is int for v in e)
-                for e in raw):
+        if not isinstance(raw, list) or not all(_entry_ok(e) for e in raw):
             raise ValueError("its ledger is missing or malformed")
-        return cls(plan, (Entry(*e) for e in raw))
+        return cls(plan, (Entry(e[0], e[1], e[2], e[3], e[4], dict(e[5]) if len(e) == 6 else {})
+                          for e in raw))
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -139,6 +153,17 @@ class Ledger:
                 "Nothing was committed. This is a bug in longrun-dagster or in a hook that "
                 "changed the loop's frames; re-run the partition (it resumes from its last "
                 "complete checkpoint) and report it", missing_batches=missing)
+
+
+def _entry_ok(raw: Any) -> bool:
+    """Five ints, and (with counters) a dict of names to finite numbers."""
+    if not isinstance(raw, list) or len(raw) not in (5, 6):
+        return False
+    if not all(type(v) is int for v in raw[:5]):
+        return False
+    return len(raw) == 5 or (isinstance(raw[5], dict) and all(
+        isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
+        for k, v in raw[5].items()))
 
 
 def _ranges(batches: Sequence[int]) -> str:

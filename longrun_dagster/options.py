@@ -50,6 +50,10 @@ class StageOptions(dg.Model):
     one_row_per_input: Annotated[bool, about(
         "fn returns one row per input row; a batch of the wrong length is quarantined. "
         "Set false for stages that filter or expand rows.")] = True
+    join_on: Annotated[str | None, about(
+        "With several upstreams: the column to join them on (inner join, in the first "
+        "upstream's order; rows without a partner are counted as rows_unjoined). Unset: "
+        "they must be row-aligned.")] = None
     code_version: Annotated[str | None, about(
         "Unset: a digest of the code of fn and setup (and of the functions of their module "
         "they call), so an edit recomputes. Set it yourself to decide when fn changes "

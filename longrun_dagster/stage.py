@@ -6,12 +6,12 @@ This module is the thin Dagster shell; the loop itself is ``batches.BatchLoop``.
 annotations at definition time.)
 """
 
-import difflib
 import inspect
+import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -22,6 +22,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from longrun_dagster import fingerprint, tags
+from longrun_dagster import upstream as upstream_rows
 from longrun_dagster.attempt import PartitionAttempt, Reused
 from longrun_dagster.batches import BatchLoop, Cadence, Outcome, StageHook
 from longrun_dagster.checkpoint import Checkpointer
@@ -29,11 +30,9 @@ from longrun_dagster.commit import Manifest, PartitionStore, describe
 from longrun_dagster.errors import (
     ConfigError,
     GpuMemoryExceeded,
-    PartitionNotCommitted,
     SegmentEnded,
     ValidationFailed,
 )
-from longrun_dagster.formats import parquet
 from longrun_dagster.io_manager import (
     AtomicObjectStoreIOManager,
     CommittedPartition,
@@ -61,6 +60,23 @@ class StageContext:
     """Whatever ``setup`` returned (a loaded model): built once per run, only when the
     partition is actually computed."""
     batch_index: int = 0
+    _counts: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def count(self, name: str, n: float = 1) -> None:
+        """Add ``n`` to counter ``name`` (tokens, retries, HTTP errors) for this batch.
+        Counters are checkpointed with their batch, so a resumed partition's totals are
+        exact, and they reach the materialization as ``counts/<name>`` (plotted per
+        partition in the UI)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"stage.count: the counter's name must be a non-empty string, "
+                              f"got {name!r}")
+        if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n):
+            raise ConfigError(f"stage.count({name!r}, {n!r}): n must be a finite number")
+        self._counts[name] = self._counts.get(name, 0) + n
+
+    def _take_counts(self) -> dict[str, float]:
+        taken, self._counts = self._counts, {}
+        return taken
 
 
 ModelFn = Callable[[pd.DataFrame, StageContext], pd.DataFrame]
@@ -73,7 +89,9 @@ class StageSpec:
 
     name: str
     key: dg.AssetKey
-    upstream: dg.AssetKey
+    upstreams: Mapping[str, dg.AssetKey]
+    """Each upstream by name (one: the asset's Python name); read in this order."""
+    join_on: str | None
     schema: Any
     batch_size: int
     cadence: Cadence
@@ -108,18 +126,18 @@ class StageSpec:
                        **common, max_bad_fraction=fields["max_bad_fraction"]),
                    checkpoint_static=fingerprint.stage_static(**common, max_bad_fraction=0.0))
 
-    def _inputs(self, inputs: Iterable[tuple[str | None, Manifest]]
-                ) -> list[fingerprint.Input]:
-        return [(self.upstream.to_user_string(), key, m.data_version) for key, m in inputs]
+    def _inputs(self, inputs: Iterable[upstream_rows.Read]) -> list[fingerprint.Input]:
+        return [(r.key.to_user_string(), r.partition, r.manifest.data_version)
+                for r in inputs]
 
-    def fingerprint(self, inputs: Iterable[tuple[str | None, Manifest]],
+    def fingerprint(self, inputs: Iterable[upstream_rows.Read],
                     resources: Mapping[str, Any]) -> str:
         """What decides reuse: code version, config, schema, batching, bad-row budget, the
         public config of the resources used and the data versions of the inputs read."""
         return fingerprint.stage_fingerprint_from(self.outputs_static, self._inputs(inputs),
                                                   resources)
 
-    def checkpoint_key(self, inputs: Iterable[tuple[str | None, Manifest]],
+    def checkpoint_key(self, inputs: Iterable[upstream_rows.Read],
                        resources: Mapping[str, Any]) -> str:
         """Which checkpoints a computation may resume from."""
         return fingerprint.stage_fingerprint_from(self.checkpoint_static, self._inputs(inputs),
@@ -128,7 +146,7 @@ class StageSpec:
 
 def model_stage(
     *,
-    upstream: dg.AssetsDefinition | dg.AssetKey | str | Sequence[str],
+    upstream: upstream_rows.UpstreamArg | Mapping[str, upstream_rows.UpstreamArg],
     schema: Schema,
     partitions_def: dg.PartitionsDefinition | None = None,
     partition_mapping: dg.PartitionMapping | None = None,
@@ -144,6 +162,7 @@ def model_stage(
     checkpoint_every_seconds: float = 300.0,
     max_bad_fraction: float = 0.0,
     one_row_per_input: bool = True,
+    join_on: str | None = None,
     code_version: str | None = None,
     config: Mapping[str, Any] | None = None,
     hook_resource_keys: Iterable[str] = (),
@@ -205,7 +224,11 @@ def model_stage(
         raise problem("max_partitions_per_run", options.max_partitions_per_run,
                       "give it or backfill_policy, not both")
     checked_schema = _checked_schema(schema, where)
-    return _decorator(options, upstream=_asset_key(upstream), schema=checked_schema,
+    upstreams = upstream_rows.named(upstream, where)
+    if options.join_on is not None and len(upstreams) < 2:
+        raise problem("join_on", options.join_on, "it joins several upstreams; with one "
+                      "upstream leave it unset")
+    return _decorator(options, upstreams=upstreams, schema=checked_schema,
                       partitions_def=partitions_def, partition_mapping=partition_mapping,
                       setup=setup, name=name, retry_policy=retry_policy,
                       backfill_policy=backfill_policy or options.backfill_policy(),
@@ -228,7 +251,7 @@ def _checked_schema(schema: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
+def _decorator(options: StageOptions, *, upstreams: Mapping[str, dg.AssetKey], schema: Any,
                partitions_def: dg.PartitionsDefinition | None,
                partition_mapping: dg.PartitionMapping | None, setup: SetupFn | None,
                name: str | None, retry_policy: dg.RetryPolicy | None,
@@ -246,7 +269,7 @@ def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
         _refuse_async(fn, setup, asset_name)
         code_version = o.code_version or fingerprint.code_identity(fn, setup)[:16]
         spec = StageSpec.build(
-            name=asset_name, key=key, upstream=upstream, schema=schema,
+            name=asset_name, key=key, upstreams=upstreams, join_on=o.join_on, schema=schema,
             batch_size=o.batch_size, cadence=cadence, max_bad_fraction=o.max_bad_fraction,
             code_version=code_version, config=dict(o.config), setup=setup,
             io_manager_key=o.io_manager_key, hook_resource_keys=list(o.hook_resource_keys),
@@ -262,7 +285,8 @@ def _decorator(options: StageOptions, *, upstream: dg.AssetKey, schema: Any,
         compute.__name__ = asset_name
         return dg.asset(
             name=asset_name, key_prefix=o.key_prefix or None, partitions_def=partitions_def,
-            deps=[dg.AssetDep(upstream, partition_mapping=partition_mapping)],
+            deps=[dg.AssetDep(k, partition_mapping=partition_mapping)
+                  for k in upstreams.values()],
             required_resource_keys={o.io_manager_key, *o.required_resource_keys,
                                     *o.hook_resource_keys},
             io_manager_key=o.io_manager_key, code_version=code_version, pool=o.pool,
@@ -297,17 +321,6 @@ def _refuse_async(fn: Any, setup: Any, name: str) -> None:
                 f"model_stage {name!r}: {what} {f.__qualname__} is an async function; a "
                 f"model stage calls it synchronously, once per batch. Define it with def "
                 f"(inside it, asyncio.run(...) can drive async calls for the batch)")
-
-
-def _asset_key(upstream: dg.AssetsDefinition | dg.AssetKey | str | Sequence[str]
-               ) -> dg.AssetKey:
-    if isinstance(upstream, dg.AssetsDefinition):
-        return upstream.key
-    if isinstance(upstream, dg.AssetKey):
-        return upstream
-    if isinstance(upstream, str):
-        return dg.AssetKey.from_user_string(upstream)
-    return dg.AssetKey(list(upstream))
 
 
 # -- execution -------------------------------------------------------------------------
@@ -365,7 +378,8 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     """One partition, or each partition of a range run as its own attempt (checkpoints,
     claim, validation, budget, commit), loading the model once for all of them."""
     partitions = _partition_store(spec, context)
-    _check_upstream(spec, context)
+    upstream_rows.check(spec.name, spec.key, spec.upstreams, context,
+                        AtomicObjectStoreIOManager)
     keys = _run_partition_keys(context)
     model = _ModelOnce(spec.setup)
     resources = resource_configs(context, spec.resource_keys)
@@ -464,7 +478,8 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
                    partitions: PartitionStore, partition: str | None, model: _ModelOnce,
                    resources: Mapping[str, Any], *, in_range: bool) -> _Partition:
     started = time.monotonic()
-    inputs = _upstream_manifests(spec, context, partitions, partition, in_range=in_range)
+    inputs = upstream_rows.manifests(spec.name, spec.key, spec.upstreams, context,
+                                     partitions, partition, in_range=in_range)
     fingerprint = spec.fingerprint(inputs, resources)
     attempt = partitions.begin(spec.key.path, partition, run_id=context.run.run_id,
                                fingerprint=fingerprint, log=context.log)
@@ -480,11 +495,13 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
     _tag_stage_run(context, spec)
-    frame = _read_upstream(spec, partitions, inputs)
+    frame, unjoined = upstream_rows.read(spec.name, partitions, inputs, spec.join_on)
     ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs, resources), log=context.log)
     outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds,
                         claimed.claim.generation)
     meta = _stage_metadata(outcome, time.monotonic() - started)
+    if spec.join_on is not None:
+        meta["rows_unjoined"] = unjoined
     check = _judge(spec, meta, partition)
     result = attempt.commit(
         outcome.output,
@@ -520,83 +537,6 @@ def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> Part
     return io.partition_store()
 
 
-def _check_upstream(spec: StageSpec, context: dg.AssetExecutionContext) -> None:
-    """An upstream that is no asset of this code location, or that another IO manager
-    stores, named now (its rows would be "not committed" later, which misleads)."""
-    graph = context.job_def.asset_layer.asset_graph
-    key = spec.upstream
-    node = graph.get(key) if graph.has(key) else None
-    if node is None or (node.assets_def is not None and node.assets_def.is_auto_created_stub):
-        known = sorted(k.to_user_string() for k in graph.get_all_asset_keys()
-                       if k != spec.key and not graph.get(k).assets_def.is_auto_created_stub)
-        close = difflib.get_close_matches(key.to_user_string(), known, n=1)
-        raise ConfigError(
-            f"model stage {spec.name}: upstream {key.to_user_string()!r} is no asset of this "
-            f"code location" + (f"; did you mean {close[0]!r}?" if close else "")
-            + f" Its assets: {', '.join(known) or 'none'}")
-    if not node.is_materializable or node.assets_def is None:
-        return  # an external asset: committed by another code location, or not at all
-    io_key = node.assets_def.get_io_manager_key_for_asset_key(key)
-    definition = context.job_def.resource_defs.get(io_key)
-    cls = getattr(definition, "configurable_resource_cls", None)
-    if cls is None or not issubclass(cls, AtomicObjectStoreIOManager):
-        shown = cls.__qualname__ if cls is not None else type(definition).__qualname__
-        raise ConfigError(
-            f"model stage {spec.name} reads the committed rows of {key.to_user_string()!r}, "
-            f"whose IO manager {io_key!r} is a {shown}, not an AtomicObjectStoreIOManager; "
-            f"store it with one (io_manager_key={spec.io_manager_key!r} on the asset, or "
-            f"resources={{{io_key!r}: AtomicObjectStoreIOManager(...)}})")
-
-
-def _upstream_manifests(spec: StageSpec, context: dg.AssetExecutionContext,
-                        partitions: PartitionStore, partition: str | None, *, in_range: bool
-                        ) -> list[tuple[str | None, Manifest]]:
-    keys = _upstream_keys(spec, context, partition, in_range=in_range)
-    found = []
-    for key in keys:
-        manifest = partitions.lookup(spec.upstream.path, key)
-        if manifest is None:
-            where = partitions.uri(spec.upstream.path, key)
-            raise PartitionNotCommitted(
-                f"model stage {spec.name} needs {describe(spec.upstream.path, key)}, which is "
-                f"not committed (no manifest at {where}); materialize it first",
-                uri=where, asset=spec.upstream.to_user_string(), partition=key,
-            )
-        found.append((key, manifest))
-    return found
-
-
-def _upstream_keys(spec: StageSpec, context: dg.AssetExecutionContext, partition: str | None,
-                   *, in_range: bool) -> list[str | None]:
-    graph = context.job_def.asset_layer.asset_graph
-    if graph.get(spec.upstream).partitions_def is None:
-        return [None]
-    if in_range:  # this partition's own upstream partitions, through the partition mapping
-        mapped = graph.get_parent_partition_keys_for_child(partition, spec.upstream, spec.key)
-        return [*sorted(mapped.partitions_subset.get_partition_keys())]
-    return sorted(context.asset_partition_keys_for_input(spec.upstream.to_python_identifier()))
-
-
-def _read_upstream(spec: StageSpec, partitions: PartitionStore,
-                   inputs: list[tuple[str | None, Manifest]]) -> pd.DataFrame:
-    frames = []
-    for key, manifest in inputs:
-        stored = manifest.object("data")
-        if manifest.format != "parquet" or stored is None:
-            raise ConfigError(
-                f"model stage {spec.name} maps over rows, but {describe(spec.upstream.path, key)}"
-                f" is stored as {manifest.format!r}; its asset must return a pandas DataFrame"
-            )
-        frames.append(partitions.read_object(spec.upstream.path, key, stored,
-                                             decode=parquet.loads))
-    if not frames:
-        return pd.DataFrame()
-    # an upstream's own index (a doc_id) reaches the model; positions are renumbered
-    joined: pd.DataFrame = pd.concat(
-        frames, ignore_index=all(isinstance(f.index, pd.RangeIndex) for f in frames))
-    return joined
-
-
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
               ckpt: Checkpointer, model: _ModelOnce, context: dg.AssetExecutionContext,
               still_holds: Callable[[], bool] | None = None, generation: int = 0
@@ -605,6 +545,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
 
     def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
         stage.batch_index = index
+        stage._take_counts()  # a batch that raised counts for nothing  # noqa: SLF001
         return fn(batch, stage)
 
     def setup() -> None:
@@ -616,7 +557,8 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      one_row_per_input=spec.one_row_per_input,
                      need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string(),
                      setup=setup if spec.setup is not None else None,
-                     still_holds=still_holds, generation=generation)
+                     still_holds=still_holds, generation=generation,
+                     counts=stage._take_counts)  # noqa: SLF001
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:
@@ -646,6 +588,7 @@ def _stage_metadata(outcome: Outcome, wall: float) -> dict[str, Any]:
         "checkpoints_written": outcome.checkpoints,
         "resumed_from_batch": outcome.resumed_from_batch,
         "wall_seconds": round(wall, 3),
+        **{f"counts/{name}": n for name, n in sorted(outcome.counts.items())},
         **outcome.hook_metadata,
     }
 
