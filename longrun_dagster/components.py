@@ -79,9 +79,10 @@ class ModelStageComponent(dg.Component, dg.Resolvable, StageOptions):
     fn: Annotated[str, about(
         "Import path of the batch function fn(batch: DataFrame, stage: StageContext) -> "
         "DataFrame, e.g. my_project.models.score_quality.")]
-    upstream: Annotated[str, about(
+    upstream: Annotated[str | dict[str, str], about(
         "Asset key of the input whose committed rows are read, e.g. embeddings or "
-        "raw/records.")]
+        "raw/records; several: {records: raw/records, scores: sentiment} (with join_on, "
+        "or row-aligned).")]
     schema_: Annotated[str, about(
         "Import path of the pandera DataFrameModel or DataFrameSchema every output batch "
         "must satisfy; invalid rows are quarantined.")] = Field(alias="schema")
@@ -119,11 +120,13 @@ class ModelStageComponent(dg.Component, dg.Resolvable, StageOptions):
     def _problem(self, attribute: str, value: Any, fix: str) -> ConfigError:
         return _error(self.name, attribute, value, fix)
 
-    def _upstream(self) -> dg.AssetKey:
-        if not self.upstream.strip():
+    def _upstream(self) -> dg.AssetKey | dict[str, dg.AssetKey]:
+        given = self.upstream if isinstance(self.upstream, dict) else {"": self.upstream}
+        if not given or any(not key.strip() for key in given.values()):
             raise _error(self.name, "upstream", self.upstream,
                          "give the input's asset key, e.g. embeddings or raw/records")
-        return dg.AssetKey.from_user_string(self.upstream)
+        keys = {name: dg.AssetKey.from_user_string(key) for name, key in given.items()}
+        return keys if isinstance(self.upstream, dict) else keys[""]
 
     def _schema(self) -> Any:
         found = _import(self.name, "schema", self.schema_, lambda _: True, "a pandera schema")

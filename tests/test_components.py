@@ -162,6 +162,16 @@ def test_every_attribute_reaches_the_asset(project: Project) -> None:
     assert asset.backfill_policy == dg.BackfillPolicy.multi_run(25)
 
 
+def test_several_upstreams_in_yaml(project: Project) -> None:
+    project.write_attributes(project.attributes(
+        upstream={"words": "words", "more": "more/words"}, join_on="id"))
+    asset = next(a for a in project.load().assets or [] if isinstance(a, dg.AssetsDefinition)
+                 and a.key == dg.AssetKey("counts"))
+    spec = next(iter(asset.specs))
+    assert [d.asset_key for d in spec.deps] == [dg.AssetKey("words"),
+                                                dg.AssetKey(["more", "words"])]
+
+
 def test_every_attribute_is_described() -> None:
     """The descriptions are what dg and the UI show next to each attribute."""
     schema = ModelStageComponent.get_model_cls().model_json_schema()  # type: ignore[union-attr]
