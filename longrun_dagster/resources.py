@@ -1,5 +1,6 @@
 """Dagster resources a model stage calls every batch: ``GpuGuard`` (VRAM) and ``Heartbeat``."""
 
+import hashlib
 import time
 from typing import Any
 
@@ -49,6 +50,12 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
         "limit, else physical RAM).")
 
     _guard: VramGuard | None = PrivateAttr(default=None)
+    _instance: Any = PrivateAttr(default=None)
+    _run_id: str | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._instance = context.instance
+        self._run_id = context.run.run_id if context.run else None
 
     def build(self, log: Any = None) -> VramGuard:
         """A fresh plain guard with this configuration (used by on_start)."""
@@ -65,7 +72,7 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
         )
 
     def on_prepare(self, run: StageRun) -> None:
-        self._guard = self.build(run.log)
+        self._guard = self.build(_OncePerRun(run.log, self._instance, self._run_id))
         if run.need_vram_bytes:  # before the model is loaded onto a device without room
             self._guard.preflight(run.need_vram_bytes)
 
@@ -217,3 +224,33 @@ def stop_state(exc: BaseException | None) -> State:
 
 
 INTERRUPTS = ("DagsterExecutionInterruptedError",)
+
+
+class _OncePerRun:
+    """A log whose ``info`` says a line once per run (each step of a run is its own
+    process under the multiprocess executor, so the run's tags remember it); again, it is
+    a debug line."""
+
+    TAG = "longrun/vram_backend"
+
+    def __init__(self, log: Any, instance: Any, run_id: str | None) -> None:
+        self._log, self._instance, self._run_id = log, instance, run_id
+
+    def info(self, message: str) -> None:
+        said = hashlib.sha256(message.encode()).hexdigest()[:16]
+        try:
+            run = self._instance.get_run_by_id(self._run_id) if self._run_id else None
+        except Exception:  # noqa: BLE001 - a log line must never fail a stage
+            run = None
+        if run is not None and run.tags.get(self.TAG) == said:
+            self._log.debug(message)
+            return
+        self._log.info(message)
+        if run is not None:
+            try:
+                self._instance.add_run_tags(self._run_id, {self.TAG: said})
+            except Exception:  # noqa: BLE001 - said twice at worst
+                pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)

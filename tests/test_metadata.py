@@ -2,6 +2,7 @@
 the column schema from the pandera schema), failure cases as a table, and a reused
 partition that keeps the figures of the run that computed it."""
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,18 @@ def test_a_reused_partition_keeps_the_figures_of_the_run_that_computed_it(
                 "rows_quarantined", "dagster/row_count"):
         assert reused[key] == computed[key], key
     assert reused["model_calls"].value == 20 and reused["bad_fraction"].value > 0
+
+
+def test_the_vram_backend_line_is_said_once_per_run(tmp_path: Path) -> None:
+    """A long "VRAM guard: no GPU backend" INFO line was printed on every step."""
+    first = pipeline.make_scores(hook_resource_keys=["gpu"])
+    second = pipeline.make_scores(hook_resource_keys=["gpu"], name="scores_again")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [pipeline.texts, first, second], partition_key=DAY, instance=instance,
+            resources={"io_manager": AtomicObjectStoreIOManager(
+                base_uri=(tmp_path / "lr").as_uri()), "gpu": GpuGuard(backend="host")})
+        assert result.success
+        lines = [e for e in instance.all_logs(result.run_id)
+                 if "VRAM guard:" in (e.user_message or "")]
+    assert [e.level for e in lines] == [logging.INFO, logging.DEBUG]
