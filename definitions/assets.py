@@ -111,6 +111,7 @@ def load_minilm(stage: StageContext) -> object:
              need_vram_mb=None, kinds=["pytorch"])
 def embeddings(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     """all-MiniLM-L6-v2 sentence embeddings (384 floats per record)."""
+    stage.count("characters", int(batch.text.str.len().sum()))  # the UI plots counts/...
     vectors = stage.state.encode(list(batch.text), batch_size=len(batch),  # type: ignore[attr-defined]
                                  convert_to_numpy=True, normalize_embeddings=True)
     return pd.DataFrame({"id": batch.id.to_numpy(),

@@ -424,13 +424,16 @@ def test_ui_after_the_reuse_backfill_plots_every_partition(
     for stage in STAGES:
         events = latest(deployment, stage)["latestMaterializationByPartition"]
         values = [metadata(e)["vram_peak_mb"] for e in events]
+        if stage == "embeddings":  # what fn counted (stage.count), per partition
+            counted = [metadata(e)["counts/characters"] for e in events]
+            assert all(c > 0 for c in counted), counted
         assert all(metadata(e)["reused"] for e in events), (stage, events)
         assert len(values) == len(DAYS) and all(v > 0 for v in values), (stage, values)
     with browser(chromium, "ui-plots-failure.png") as (page, visible):
         page.goto(f"{deployment.url}/assets/embeddings")  # Overview, Metadata, Plots
         page.get_by_text("Plots", exact=True).first.click()
         visible("When graphing values by partition", exact=False)  # x axis: partitions
-        for label in ("vram_peak_mb", "rows_quarantined", "model_calls"):
+        for label in ("vram_peak_mb", "rows_quarantined", "model_calls", "counts/characters"):
             visible(label, exact=True)  # one chart per numeric metadata entry
         page.screenshot(path=ARTIFACTS / "embeddings-plots.png", full_page=True)
 
