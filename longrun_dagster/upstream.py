@@ -76,7 +76,8 @@ def check(stage: str, own: dg.AssetKey, upstreams: Mapping[str, dg.AssetKey],
             raise ConfigError(
                 f"model stage {stage}: upstream {key.to_user_string()!r} is no asset of this "
                 f"code location" + (f"; did you mean {close[0]!r}?" if close else "")
-                + f" Its assets: {', '.join(known) or 'none'}")
+                + f" Its assets: {', '.join(known[:20]) or 'none'}"
+                + (f" and {len(known) - 20} more" if len(known) > 20 else ""))
         if not node.is_materializable or node.assets_def is None:
             continue  # an external asset: committed by another code location, or not at all
         io_key = node.assets_def.get_io_manager_key_for_asset_key(key)

@@ -72,7 +72,7 @@ def test_the_core_runs_a_stage_without_its_extras(tmp_path: Path) -> None:
     local storage; an s3:// store says which extra to install."""
     out = run_without({"dagster_aws", "boto3", "botocore", "torch", "pynvml",
                        "dagster_webserver"}, f"""
-        import sys
+        import os, sys
         sys.path.insert(0, {str(ROOT)!r})
         import dagster as dg, pandas as pd, pandera.pandas as pa
         from longrun_dagster import (AtomicObjectStoreIOManager, ConfigError, GpuGuard,
@@ -89,7 +89,7 @@ def test_the_core_runs_a_stage_without_its_extras(tmp_path: Path) -> None:
         def copied(batch, stage):
             return batch[["id"]]
 
-        resources = {{"io_manager": AtomicObjectStoreIOManager(base_uri="lr"),
+        resources = {{"io_manager": AtomicObjectStoreIOManager(base_uri=os.path.abspath("lr")),
                      "gpu": GpuGuard()}}
         assert dg.materialize([words, copied], resources=resources).success
         again = dg.materialize([words, copied], resources=resources, selection=[copied])
