@@ -134,9 +134,15 @@ def celery_executor_with_pool_queues(init_context: dg.InitExecutorContext) -> dg
 def on_celery(defs: dg.Definitions, pool_queues: Mapping[str, str] | None = None,
               ) -> dg.Definitions:
     """``defs`` whose jobs (those without an executor of their own) run their steps on
-    Celery workers, pool steps on the queues of ``pool_queues``."""
+    Celery workers, pool steps on the queues of ``pool_queues``. An executor ``defs``
+    already has (the example's forkserver multiprocess executor) is replaced."""
     executor = celery_executor_with_pool_queues.configured(
         {"broker": {"env": BROKER_ENV}, "backend": {"env": BACKEND_ENV},
          "pool_queues": dict(pool_queues or DEFAULT_POOL_QUEUES)},
         name="celery")
-    return dg.Definitions.merge(defs, dg.Definitions(executor=executor))
+    if defs.executor is None:
+        return dg.Definitions.merge(defs, dg.Definitions(executor=executor))
+    from dagster._record import replace  # Definitions is a record; merge refuses two executors
+
+    replaced: dg.Definitions = replace(defs, executor=executor)
+    return replaced
