@@ -215,7 +215,6 @@ class Tick:
             # a schedule's run: its stages and what is downstream of them (read once)
             planned = tuple(sorted({*self._planned(run.run_id), *view.assets}))
             if planned:
-                self._tag(run.run_id, {T.SELECTION: T.mark(run.run_id, ",".join(planned))})
                 view = _replace(view, assets=planned)
         if view.partition_range is not None:
             view = _replace(view, partitions=self.partitions_of(view.assets,
@@ -227,19 +226,38 @@ class Tick:
 
     def _planned(self, run_id: str) -> tuple[str, ...]:
         """Every asset a run without an asset selection planned to materialize (a
-        schedule's run: its stages and what is downstream of them)."""
-        records = self.instance.get_records_for_run(
-            run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
-            limit=1000).records
+        schedule's run: its stages and what is downstream of them), remembered in a tag.
+        Unreadable (SQLite: a stage frozen mid-write holds its run's event log locked):
+        none this tick; the run is judged by its tags, so the sensor can still end the
+        process that holds the lock."""
+        try:
+            records = self.instance.get_records_for_run(
+                run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+                limit=1000).records
+        except Exception as exc:  # noqa: BLE001 - judged without it
+            self.log.warning(f"longrun: could not read what run {run_id} planned "
+                             f"({type(exc).__name__}: {exc}); judging it by its tags")
+            return ()
         keys = {r.event_log_entry.dagster_event.asset_key for r in records
                 if r.event_log_entry.dagster_event is not None}
-        return tuple(sorted(k.to_user_string() for k in keys if k is not None))
+        planned = tuple(sorted(k.to_user_string() for k in keys if k is not None))
+        if planned:
+            try:
+                self._tag(run_id, {T.SELECTION: T.mark(run_id, ",".join(planned))})
+            except Exception as exc:  # noqa: BLE001 - read again next tick
+                self.log.warning(f"longrun: could not tag run {run_id}: {exc}")
+        return planned
 
     def _failure(self, run_id: str) -> End:
         """How a failed run's steps failed: crash-like when no step failed at all (its
         process died first) or every failure is one no code of the stage caused."""
-        failures = self.instance.get_records_for_run(
-            run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=20).records
+        try:
+            failures = self.instance.get_records_for_run(
+                run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=20).records
+        except Exception as exc:  # noqa: BLE001 - unknown: a crash (bounded by the budget)
+            self.log.warning(f"longrun: could not read how run {run_id} failed "
+                             f"({type(exc).__name__}: {exc}); taking it for a crash")
+            return End.CRASH
         crash = all(_error_classes(r.event_log_entry) & CRASH_ERRORS for r in failures)
         return End.CRASH if crash else End.FAILED
 

@@ -605,3 +605,26 @@ def test_the_watchdog_ends_a_stage_whose_partition_another_attempt_claimed(
         assert proc.wait(60) == EXIT_SUPERSEDED, out[-2000:]
     assert "another attempt claimed its partition" in out and "RESULT" not in out
     assert store.lookup(["scores"], day) is None, "the superseded attempt committed"
+
+
+def test_a_stalled_run_whose_event_log_is_locked_is_still_ended_and_relaunched(
+        instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite, a stage SIGSTOPped mid-write: its run's event log stayed locked, reading
+    what the run planned raised "database is locked", the run was skipped every tick
+    ("0 wanted partitions"), so nobody killed the process that held the lock (seen in
+    CI, test_frozen_or_killed_run_is_relaunched_by_the_sensor[SIGSTOP])."""
+    import sqlite3
+
+    frozen = stage_run(instance, dg.DagsterRunStatus.STARTED, stale())
+    real = instance.get_records_for_run
+
+    def locked(run_id: str, *args: Any, **kwargs: Any) -> Any:
+        if run_id == frozen.run_id:
+            raise sqlite3.OperationalError("database is locked")
+        return real(run_id, *args, **kwargs)
+
+    monkeypatch.setattr(instance, "get_records_for_run", locked)
+    requests, _ = tick(instance, stalled_run_sensor(stall_timeout_seconds=10,
+                                                    kill_grace_seconds=0.0))
+    assert [r.run_key for r in requests] == [key(frozen)]
+    assert own(instance, frozen.run_id).get(T.ENDING)
