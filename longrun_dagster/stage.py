@@ -187,12 +187,17 @@ def model_stage(
     """Decorate ``fn(batch, stage) -> DataFrame`` to make a crash-proof, validated asset.
 
     The asset reads the committed rows of ``upstream`` for its partition (only when it has
-    to compute), maps ``fn`` over batches of ``batch_size`` rows, validates each output
+    to compute; several upstreams by name, ``upstream={"records": records, "scores":
+    scores}``, are row-aligned or joined on ``join_on``), maps ``fn`` over batches of
+    ``batch_size`` rows, validates each output
     with ``schema`` (pandera), checkpoints every ``checkpoint_every_batches`` batches or
     ``checkpoint_every_seconds`` seconds, and commits valid rows (plus a quarantine object
     with invalid rows and their failure cases) through the ``AtomicObjectStoreIOManager``
     under ``io_manager_key``. A partition already committed with the same fingerprint
-    (code version + config + input data versions) is reused without calling ``fn``. More
+    (code version, by default a digest of ``fn``'s and ``setup``'s code; config; the
+    public config of ``required_resource_keys``; input data versions) is reused without
+    calling ``fn``. ``stage.count(name, n)`` inside ``fn`` adds to a per-partition
+    counter (``counts/<name>``). More
     than ``max_bad_fraction`` invalid rows fails the partition and commits nothing. With
     ``one_row_per_input`` (default) a batch output of the wrong length quarantines the
     batch's input rows; set it False for stages that filter or expand rows.
