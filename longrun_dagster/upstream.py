@@ -11,6 +11,7 @@ that another lacks are counted as ``rows_unjoined``, never silently dropped).
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -68,10 +69,9 @@ def check(stage: str, own: dg.AssetKey, upstreams: Mapping[str, dg.AssetKey],
     graph = context.job_def.asset_layer.asset_graph
     for key in upstreams.values():
         node = graph.get(key) if graph.has(key) else None
-        if node is None or (node.assets_def is not None
-                            and node.assets_def.is_auto_created_stub):
+        if node is None or _stub(node):
             known = sorted(k.to_user_string() for k in graph.get_all_asset_keys()
-                           if k != own and not graph.get(k).assets_def.is_auto_created_stub)
+                           if k != own and not _stub(graph.get(k)))
             close = difflib.get_close_matches(key.to_user_string(), known, n=1)
             raise ConfigError(
                 f"model stage {stage}: upstream {key.to_user_string()!r} is no asset of this "
@@ -90,6 +90,11 @@ def check(stage: str, own: dg.AssetKey, upstreams: Mapping[str, dg.AssetKey],
                 f"whose IO manager {io_key!r} is a {shown}, not an "
                 f"{store_class.__qualname__}; store that asset with one (its io_manager_key, "
                 f"or resources={{{io_key!r}: {store_class.__qualname__}(...)}})")
+
+
+def _stub(node: Any) -> bool:
+    """A key Dagster made up for a dependency no asset defines (a misspelled upstream)."""
+    return node.assets_def is not None and bool(node.assets_def.is_auto_created_stub)
 
 
 def partition_keys(own: dg.AssetKey, key: dg.AssetKey, context: dg.AssetExecutionContext,
