@@ -21,7 +21,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 
-from longrun_dagster import fingerprint, tags
+from longrun_dagster import dagster_fixes, fingerprint, tags
 from longrun_dagster import upstream as upstream_rows
 from longrun_dagster.attempt import PartitionAttempt, Reused
 from longrun_dagster.batches import BatchLoop, Cadence, Outcome, StageHook
@@ -41,6 +41,8 @@ from longrun_dagster.io_manager import (
 from longrun_dagster.options import StageOptions
 from longrun_dagster.resource_config import resource_configs
 from longrun_dagster.validation import WRONG_COLUMNS, Schema, as_schema, failure_sample
+
+dagster_fixes.apply()
 
 CHECK_NAME = "schema_valid_rows"
 STAGE_TAG = "longrun/stage"

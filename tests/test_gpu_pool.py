@@ -48,3 +48,54 @@ def test_two_partitions_contend_for_one_gpu_slot(tmp_path: Path, postgres_url: s
             spans.append((events["STEP_START"], events["STEP_SUCCESS"]))
     (first_start, first_end), (second_start, _) = sorted(spans)
     assert second_start >= first_end, f"two GPU steps overlapped: {sorted(spans)}"
+
+
+@pytest.mark.postgres
+def test_simultaneous_claims_of_one_slot_admit_one(tmp_path: Path, postgres_url: str) -> None:
+    """Dagster's claim reads a free slot (SELECT ... FOR UPDATE SKIP LOCKED) and then
+    updates it, on an autocommit connection: the row lock ends with the SELECT, so two
+    steps that claim within the same milliseconds can both read the one free slot and both
+    be CLAIMED. longrun_dagster makes the update a compare-and-set (only a slot still free
+    is taken): of many simultaneous claims of one slot, exactly one wins."""
+    import threading
+
+    import longrun_dagster.stage  # noqa: F401 - importing it fixes the claim
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        f"storage:\n  postgres:\n    postgres_url: \"{postgres_url}\"\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        for attempt in range(5):
+            claimants = 8
+            barrier = threading.Barrier(claimants)
+            results: list[object] = []
+
+            def claim(i: int, attempt: int, barrier: threading.Barrier,
+                      results: list[object]) -> None:
+                barrier.wait()
+                results.append(storage._claim_concurrency_slot(
+                    "gpu", f"run-{attempt}-{i}", "stage"))
+
+            threads = [threading.Thread(target=claim, args=(i, attempt, barrier, results))
+                       for i in range(claimants)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            won = [r for r in results if r.name == "CLAIMED"]
+            assert len(won) == 1, f"attempt {attempt}: {len(won)} steps hold one slot"
+            storage.free_concurrency_slots_for_run(
+                next(f"run-{attempt}-{i}" for i in range(claimants)
+                     if _holder(storage) == f"run-{attempt}-{i}"))
+
+
+def _holder(storage: object) -> str | None:
+    from dagster._core.storage.event_log.schema import ConcurrencySlotsTable
+
+    with storage.index_connection() as conn:  # type: ignore[attr-defined]
+        rows = conn.execute(ConcurrencySlotsTable.select().where(
+            ConcurrencySlotsTable.c.concurrency_key == "gpu")).fetchall()
+    return next((r.run_id for r in rows if r.run_id), None)
