@@ -10,20 +10,21 @@ whether the batches are concatenated one by one or shard by shard, so a resumed 
 commits the bytes of an uninterrupted one by construction.
 
 A batch frame's index is kept when it is not a ``RangeIndex`` (an upstream's ``doc_id``
-passed through by the model function): it travels as columns and is the output's index.
+passed through by the model function): it travels as columns and is the output's index
+(``formats.tables``).
 """
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
+from longrun_dagster.formats.tables import concat as concat
+from longrun_dagster.formats.tables import frame_of as frame_of
+from longrun_dagster.formats.tables import table_of as table_of
+from longrun_dagster.formats.tables import with_dtypes
 from longrun_dagster.validation import empty_frame
-
-_INDEX = b"longrun/index"
-_INDEX_COLUMN = "__index_level_{}__"
 
 
 class OutputTypes:
@@ -41,59 +42,6 @@ class OutputTypes:
 
     def frame(self, tables: Sequence[pa.Table]) -> pd.DataFrame:
         """The output frame of every batch's table (or shard of tables), in order."""
-        frame = frame_of(tables)
-        for name, dtype in self.pandas.items():
-            if name in frame.columns and frame[name].dtype != dtype and (
-                    isinstance(dtype, pd.api.extensions.ExtensionDtype)
-                    or not frame[name].isna().any()):
-                frame[name] = frame[name].astype(dtype)
-        return frame
+        return with_dtypes(frame_of(tables), self.pandas)
 
 
-def table_of(frame: pd.DataFrame, types: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """``frame`` as a table (its index as columns unless a ``RangeIndex``), with ``types``
-    applied to the columns named there."""
-    names: list[Any] = []
-    if isinstance(frame.index, pd.RangeIndex):
-        frame = frame.reset_index(drop=True)
-    else:
-        names = list(frame.index.names)
-        frame = frame.reset_index(
-            names=[_INDEX_COLUMN.format(i) for i in range(frame.index.nlevels)])
-    table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
-    for name, wanted in (types or {}).items():
-        where = table.schema.get_field_index(name)
-        if where >= 0 and table.schema.field(where).type != wanted:
-            table = table.set_column(where, name, table.column(where).cast(wanted))
-    return table.replace_schema_metadata({_INDEX: json.dumps(names)})
-
-
-def concat(tables: Sequence[pa.Table]) -> pa.Table:
-    """Tables one after another, their types unified (the empty list: an empty table)."""
-    if not tables:
-        return pa.table({})
-    names = _index_names(tables)
-    joined = pa.concat_tables(tables, promote_options="permissive")
-    return joined.replace_schema_metadata({_INDEX: json.dumps(names or [])})
-
-
-def frame_of(tables: Sequence[pa.Table]) -> pd.DataFrame:
-    """The frame of tables made by ``table_of`` (or shards of them), index restored."""
-    table = concat(tables)
-    frame: pd.DataFrame = table.to_pandas()
-    names = _index_names(tables)
-    if names is not None:
-        columns = [_INDEX_COLUMN.format(i) for i in range(len(names))]
-        frame = frame.set_index(columns)
-        frame.index.names = names
-    return frame
-
-
-def _index_names(tables: Sequence[pa.Table]) -> list[Any] | None:
-    """The index names of the first table that has an index (None: no table has one)."""
-    for table in tables:
-        raw = (table.schema.metadata or {}).get(_INDEX)
-        names = json.loads(raw) if raw else []
-        if names and _INDEX_COLUMN.format(0) in table.schema.names:
-            return list(names)
-    return None

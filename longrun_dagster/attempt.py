@@ -19,7 +19,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+import pyarrow as pa
 
 from longrun_dagster import formats, gc, manifest
 from longrun_dagster.checkpoint import Checkpointer
@@ -27,10 +29,12 @@ from longrun_dagster.errors import (
     CommitConflict,
     ConfigError,
     CorruptObject,
+    IncompleteCommit,
     LeaseLost,
     ObjectNotFound,
     StorageError,
 )
+from longrun_dagster.formats import parquet, tables
 from longrun_dagster.layout import PartitionLayout, attempt_folder, object_name
 from longrun_dagster.ledger import Ledger
 from longrun_dagster.manifest import Claim, Manifest, Record, Retired, StoredObject
@@ -240,13 +244,74 @@ class PartitionAttempt:
         """``commit`` for objects already encoded (role -> (bytes, extension))."""
         if self.damage is not None:
             raise self._damaged()
-        stored = []
-        for role, (data, extension) in objects.items():
-            put = self.store.put(self.layout.key(object_name(role, self.run_id, extension)),
-                                 data)
-            stored.append(StoredObject(role=role, name=put.key.rpartition("/")[2],
-                                       size=put.size, digest=put.digest,
-                                       algorithm=put.algorithm))
+        stored = [self._write(role, data, extension)
+                  for role, (data, extension) in objects.items()]
+        return self._publish(stored, format=format, rows=rows, metadata=metadata)
+
+    def commit_batches(self, checkpointer: Checkpointer, outcome: "Batches", *,
+                       ledger: Ledger, quarantine: Any = None,
+                       metadata: Mapping[str, Any] | None = None,
+                       one_row_per_input: bool = True) -> Committed | Reused:
+        """Commit a stage's output without writing it again: the valid-row shards its
+        checkpoints already wrote become the partition's data objects, in batch order;
+        only the batches after them (``outcome.tail``), the ``quarantine`` frame and the
+        record are written. First proven complete against the ``ledger`` (the shards and
+        the tail tile every batch, each with the ledger's rows); otherwise
+        ``IncompleteCommit`` and nothing is written. The record's content version is the
+        ledger's ordered digest of its batches, whatever the shards' boundaries."""
+        if self.damage is not None:
+            raise self._damaged()
+        shard_root = checkpointer.prefix[len(self.layout.prefix):]
+        parts = [(first, stop, obj.rows if obj.rows is not None else
+                  ledger.span(first, stop)[0]) for obj, (first, stop) in outcome.shards]
+        covered = parts[-1][1] if parts else 0
+        tail_rows = sum(t.num_rows for t in outcome.tail)
+        if outcome.tail and (tail_rows or not parts):
+            parts.append((covered, ledger.plan.batches, tail_rows))
+        ledger.verify_commit(where=self.describe(), rows_out=sum(p[2] for p in parts),
+                             rows_quarantined=0 if quarantine is None else len(quarantine),
+                             one_row_per_input=one_row_per_input, parts=parts)
+        stored = [obj.model_copy(update={"role": "data", "name": shard_root + obj.name})
+                  for obj, _ in outcome.shards]
+        self._check_promoted(stored, [span for _, span in outcome.shards], checkpointer)
+        if outcome.tail and (tail_rows or not stored):
+            stored.append(self._write("data", parquet.dumps_table(tables.concat(outcome.tail)),
+                                      parquet.EXTENSION, rows=tail_rows))
+        if quarantine is not None and len(quarantine):
+            more = formats.encode(quarantine)
+            stored.append(self._write("quarantine", more.data, more.extension))
+        digests = ledger.digests
+        return self._publish(stored, format=formats.BATCHES_FORMAT, rows=ledger.rows_out,
+                             metadata=metadata, dtypes=outcome.dtypes,
+                             content=tables.content_version(digests) if digests else None)
+
+    def _check_promoted(self, stored: Sequence[StoredObject],
+                        spans: Sequence[tuple[int, int]], checkpointer: Checkpointer) -> None:
+        """Shards restored from another attempt's folder: still there, whole (their writer,
+        a zombie, prunes only what its own newest cursors do not name, but a record must
+        never name a missing object). One stat each; shards of this attempt need none."""
+        own = checkpointer.own[len(self.layout.prefix):]
+        for obj, (first, stop) in zip(stored, spans, strict=True):
+            if obj.name.startswith(own):
+                continue
+            problems = check_sizes(self.store, self.layout, _named([obj]))
+            if problems:
+                raise IncompleteCommit(
+                    f"{self.describe()}: a checkpoint shard this attempt resumed from "
+                    f"changed before its commit ({problems[0]}); nothing was committed. "
+                    "Re-materialize the partition: it recomputes the missing batches",
+                    missing_batches=list(range(first, stop)))
+
+    def _write(self, role: str, data: bytes | memoryview, extension: str,
+               rows: int | None = None) -> StoredObject:
+        put = self.store.put(self.layout.key(object_name(role, self.run_id, extension)), data)
+        return StoredObject(role=role, name=put.key.rpartition("/")[2], size=put.size,
+                            digest=put.digest, algorithm=put.algorithm, rows=rows)
+
+    def _publish(self, stored: list[StoredObject], *, format: str, rows: int | None,
+                 metadata: Mapping[str, Any] | None, content: str | None = None,
+                 dtypes: Mapping[str, str] | None = None) -> Committed | Reused:
+        """Write the record naming ``stored``, conditionally (see the module)."""
         seen = self._seen
         generation = self._claim.generation if self._claim else (
             (seen.generation if seen else 0) + 1)
@@ -254,6 +319,7 @@ class PartitionAttempt:
             asset=list(self.layout.asset), partition=self.layout.partition, format=format,
             objects=stored, rows=rows, fingerprint=self.fingerprint, run_id=self.run_id,
             created_at=_now(), metadata=dict(metadata or {}), generation=generation,
+            content=content, dtypes=dict(dtypes or {}),
         )
         token = self._claim_token if self._claim else (seen.token if seen else None)
         retired = self._retired(version.created_at)
@@ -336,6 +402,25 @@ class PartitionAttempt:
             f"{self.describe()}: its manifest and claim are damaged ({self.damage}). "
             f"{damaged_record_fix(where)}", uri=where, expected=self.damage.expected,
             actual=self.damage.actual)
+
+
+class Batches(Protocol):
+    """What ``commit_batches`` needs of a finished stage loop (``batches.Outcome``)."""
+
+    @property
+    def shards(self) -> list[tuple[StoredObject, tuple[int, int]]]: ...
+
+    @property
+    def tail(self) -> list[pa.Table]: ...
+
+    @property
+    def dtypes(self) -> dict[str, str]: ...
+
+
+def _named(objects: Sequence[StoredObject]) -> Manifest:
+    """A manifest naming just ``objects`` (for ``check_sizes``)."""
+    return Manifest(asset=[], partition=None, format="", objects=list(objects), rows=None,
+                    fingerprint=None, run_id="", created_at="")
 
 
 def _now() -> str:

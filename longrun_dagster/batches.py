@@ -45,8 +45,9 @@ from longrun_dagster.assembly import OutputTypes, frame_of, table_of
 from longrun_dagster.assembly import concat as concat_tables
 from longrun_dagster.checkpoint import Checkpointer, Restored
 from longrun_dagster.errors import Preempted, SegmentEnded, StageOutputError
-from longrun_dagster.formats import parquet
+from longrun_dagster.formats import parquet, tables
 from longrun_dagster.ledger import Ledger, Plan
+from longrun_dagster.manifest import StoredObject
 from longrun_dagster.validation import (
     Report,
     empty_frame,
@@ -161,9 +162,12 @@ class Cadence:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A finished partition: valid output, quarantined rows, counts."""
+    """A finished partition: valid output, quarantined rows, counts, and where its
+    valid rows are: checkpoint shards already written (``shards``) and the tables of the
+    batches after them (``tail``), which a commit promotes and writes."""
 
-    output: pd.DataFrame
+    output_tables: list[pyarrow.Table]
+    types: OutputTypes
     quarantine: pd.DataFrame
     failure_cases: pd.DataFrame
     rows_in: int
@@ -178,10 +182,28 @@ class Outcome:
     output and quarantine against it."""
     counts: dict[str, float] = field(default_factory=dict)
     """What fn counted (``stage.count``), over every batch of the partition once."""
+    shards: list[tuple[StoredObject, tuple[int, int]]] = field(default_factory=list)
+    """The valid-row shards of the last checkpoint that landed, each with its batches."""
+    tail: list[pyarrow.Table] = field(default_factory=list)
+    """The valid rows of the batches after the shards, one table each."""
+    checkpoint_rest: Callable[[], None] = lambda: None
+    """Checkpoint the batches after the last checkpoint, for a partition that is not
+    committed after all (over its budget, a failed commit): a rerun resumes from them."""
 
     @property
     def rows_quarantined(self) -> int:
         return len(self.quarantine)
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """The declared pandas dtypes of the output's columns, by name (for readers)."""
+        return tables.dtype_names(self.types.pandas)
+
+    @functools.cached_property
+    def output(self) -> pd.DataFrame:
+        """The valid output as one frame (built on first use: a stage's commit promotes
+        the shards and never needs it)."""
+        return self.types.frame(self.output_tables)
 
 
 BatchFn = Callable[[pd.DataFrame, int], pd.DataFrame]
@@ -198,9 +220,12 @@ class BatchLoop:
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
                  pipelined: bool = True, still_holds: Callable[[], bool] | None = None,
                  generation: int = 0,
-                 counts: Callable[[], dict[str, float]] | None = None) -> None:
+                 counts: Callable[[], dict[str, float]] | None = None,
+                 final_save: bool = True) -> None:
         self.fn, self.frame, self.batch_size = fn, frame, batch_size
         self.counts = counts  # what fn counted in the batch it just ran (stage.count)
+        self.final_save = final_save  # False: the commit writes the last batches instead
+        self._restored_shards = 0  # tables of each kind that are restored shards
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
         self.one_row_per_input = one_row_per_input
@@ -247,13 +272,18 @@ class BatchLoop:
                     self._worker.shutdown(wait=True)
                 meta = self._end()
         valid = self._frames[VALID] or [self.types.table(empty_frame(self.schema))]
+        shards = self.ckpt.shards(VALID)
+        after = self._restored_shards + self.ckpt.step - self.progress.resumed_from_batch
         return Outcome(
-            output=self.types.frame(valid), quarantine=frame_of(self._frames[QUARANTINE]),
+            output_tables=valid, types=self.types,
+            quarantine=frame_of(self._frames[QUARANTINE]),
             failure_cases=frame_of(self._frames[CASES]), rows_in=len(self.frame),
             batches=self.progress.batches_total, checkpoints=self.ckpt.saves,
             resumed_from_batch=self.progress.resumed_from_batch,
             wall_seconds=time.monotonic() - started, model_calls=self.model_calls,
             hook_metadata=meta, ledger=self.ledger, counts=self.ledger.counts,
+            shards=shards, tail=self._frames[VALID][after:] if self._frames[VALID] else valid,
+            checkpoint_rest=lambda: self._save_completed("not committed"),
         )
 
     def _start(self) -> None:
@@ -304,7 +334,8 @@ class BatchLoop:
             per_batch = max(per_batch, time.monotonic() - began)
         self._join()
         self._announce()
-        self._save_completed("finished")
+        if self.final_save:
+            self._save_completed("finished")
 
     def _call_model(self, index: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         start = index * self.batch_size
@@ -346,13 +377,14 @@ class BatchLoop:
             else:
                 report = validate(out, self.schema, first_row=self._rows_out)
             frames = self._added(index, report, out.index)
+            digest = tables.digest(frames[VALID])
         except Exception as exc:
             exc.add_note(f"{self.name}: raised while validating the output of batch {index}")
             raise
         with self._lock:
             for kind, frame in frames.items():
                 self._frames[kind].append(frame)
-            self.ledger.add(index, len(report.valid), report.rows_invalid, counted)
+            self.ledger.add(index, len(report.valid), report.rows_invalid, counted, digest)
             self._rows_out += report.rows_checked
             self.progress.batches_done = index + 1
             self.progress.rows_done = min((index + 1) * self.batch_size, len(self.frame))
@@ -390,6 +422,7 @@ class BatchLoop:
         self.ledger = Ledger.from_json(self.ledger.plan, restored.metadata["ledger"])
         for kind, data in restored.shards:
             self._frames[kind].append(parquet.loads_table(data))
+        self._restored_shards = len(self._frames[VALID])
         self._rows_out = self.ledger.rows_out + self.ledger.rows_quarantined
         self.progress.batches_done = self.progress.resumed_from_batch = done
         self.progress.rows_done = min(done * self.batch_size, len(self.frame))
@@ -409,6 +442,9 @@ class BatchLoop:
         except ValueError as exc:
             return str(exc)
         wrong = ledger.problems(upto=done, one_row_per_input=self.one_row_per_input)
+        if done and ledger.digests is None:
+            wrong.append("its ledger has no content digests (written before "
+                         "longrun-dagster 0.3); the partition starts over")
         for kind in (VALID, QUARANTINE):
             spans = [span for (k, _), span in zip(restored.shards, restored.spans, strict=True)
                      if k == kind]
@@ -429,7 +465,8 @@ class BatchLoop:
                 return
             fresh = {kind: frames[len(frames) - self._pending:]
                      for kind, frames in self._frames.items()}
-            shards = [(kind, _encoder(frames)) for kind, frames in fresh.items()]
+            shards = [(kind, _encoder(frames), sum(t.num_rows for t in frames))
+                      for kind, frames in fresh.items()]
             self.ckpt.save(self.progress.batches_done, new_shards=shards,
                            metadata={"rows_total": len(self.frame),
                                      "ledger": self.ledger.as_json()})

@@ -41,6 +41,8 @@ SHARD = "shard:"
 STEP_DIGITS = 12
 _log = logging.getLogger("longrun_dagster.checkpoint")
 ShardData = bytes | memoryview | Callable[[], bytes | memoryview]
+NewShard = tuple[str, ShardData] | tuple[str, ShardData, int]
+"""(kind, bytes) or (kind, bytes, rows in it)."""
 
 
 @dataclass(frozen=True)
@@ -93,12 +95,13 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------
 
     def save(self, step: int, state: Any = None, *,
-             new_shards: Sequence[tuple[str, "ShardData"]] = (),
+             new_shards: Sequence[NewShard] = (),
              metadata: dict[str, Any] | None = None) -> None:
         """Checkpoint after ``step``: ``state`` (DataFrame, tensor dict, JSON-able, or None)
-        plus ``new_shards`` ((kind, bytes) pairs) appended to those of earlier saves. A
-        shard may be a function returning its bytes: it then runs in the writer thread, so
-        encoding does not hold up the caller either."""
+        plus ``new_shards`` ((kind, bytes) pairs, or (kind, bytes, rows) to record its row
+        count) appended to those of earlier saves. A shard may be a function returning its
+        bytes: it then runs in the writer thread, so encoding does not hold up the caller
+        either."""
         self.flush()
         encoded = formats.encode(state) if state is not None else None
         job = (step, encoded, list(new_shards), dict(metadata or {}))
@@ -117,19 +120,34 @@ class Checkpointer:
             raise self._failed
 
     @property
+    def step(self) -> int:
+        """The step of the last checkpoint written or restored (0: none)."""
+        return self._step
+
+    def shards(self, kind: str) -> list[tuple[StoredObject, tuple[int, int]]]:
+        """The shards of ``kind`` the last checkpoint written or restored names, in save
+        order, each with its span of steps; names are relative to ``prefix``."""
+        with self._lock:
+            return [(o, span) for o, span in zip(self._shards, self._spans, strict=True)
+                    if o.role == f"{SHARD}{kind}"]
+
+    @property
     def failed(self) -> BaseException | None:
         """The error of the write that failed this checkpointer for good, if any."""
         return self._failed
 
     def close(self) -> None:
+        """Wait for the write in flight and stop the writer thread (a later ``save``
+        writes in the caller's thread)."""
         try:
             self.flush()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+                self._pool = None
 
     def _write(self, step: int, encoded: formats.Encoded | None,
-               new_shards: list[tuple[str, "ShardData"]],
+               new_shards: list[NewShard],
                metadata: dict[str, Any]) -> None:
         try:
             self._write_cursor(step, encoded, new_shards, metadata)
@@ -138,17 +156,19 @@ class Checkpointer:
             raise
 
     def _write_cursor(self, step: int, encoded: formats.Encoded | None,
-                      new_shards: list[tuple[str, "ShardData"]],
+                      new_shards: list[NewShard],
                       metadata: dict[str, Any]) -> None:
         with self._lock:
             if self._failed is not None:
                 raise self._failed
             attempt = uuid.uuid4().hex[:12]
             objects = list(self._shards)
-            for i, (kind, shard) in enumerate(new_shards):
+            for i, new in enumerate(new_shards):
+                kind, shard = new[0], new[1]
                 data = shard() if callable(shard) else shard
+                rows = new[2] if len(new) == 3 else None
                 objects.append(self._put(f"shard-{step:0{STEP_DIGITS}d}-{i}-{attempt}.parquet",
-                                         f"{SHARD}{kind}", data))
+                                         f"{SHARD}{kind}", data, rows=rows))
             shards = list(objects)
             spans = self._spans + [(self._step, step)] * len(new_shards)
             fmt = "none"
@@ -167,10 +187,11 @@ class Checkpointer:
             self.saves += 1
             self._prune()
 
-    def _put(self, name: str, role: str, data: bytes | memoryview) -> StoredObject:
+    def _put(self, name: str, role: str, data: bytes | memoryview,
+             rows: int | None = None) -> StoredObject:
         put = self.store.put(self.own + name, data)
         return StoredObject(role=role, name=self._name(put.key), size=put.size,
-                            digest=put.digest, algorithm=put.algorithm)
+                            digest=put.digest, algorithm=put.algorithm, rows=rows)
 
     def _name(self, key: str) -> str:
         return key[len(self.prefix):]

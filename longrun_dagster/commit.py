@@ -8,6 +8,7 @@ side and the whole-store chores.
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from longrun_dagster import formats, gc
@@ -19,7 +20,8 @@ from longrun_dagster.attempt import (
     damaged_record_fix,
     read_record,
 )
-from longrun_dagster.errors import CorruptObject, PartitionNotCommitted
+from longrun_dagster.errors import ConfigError, CorruptObject, PartitionNotCommitted
+from longrun_dagster.formats import parquet
 from longrun_dagster.gc import GcReport as GcReport
 from longrun_dagster.layout import MANIFEST as MANIFEST
 from longrun_dagster.layout import PartitionLayout
@@ -31,6 +33,7 @@ from longrun_dagster.storage.keys import partition_prefix
 from longrun_dagster.verify import read_verified
 
 AssetPath = Sequence[str]
+_READERS = 8
 
 
 class PartitionStore:
@@ -85,24 +88,51 @@ class PartitionStore:
 
     def read(self, asset: AssetPath, partition: str | None, role: str = "data"
              ) -> tuple[Manifest, bytes]:
-        """The verified bytes of a committed partition's ``role`` object."""
+        """The verified bytes of a committed partition's ``role`` object (a partition
+        stored as several objects: ``load`` it, or ``read_object`` each)."""
         manifest = self.committed(asset, partition)
-        stored = manifest.object(role)
-        if stored is None:
+        stored = manifest.objects_of(role)
+        if not stored:
             return manifest, b""
-        return manifest, self.read_object(asset, partition, stored)
+        if len(stored) > 1:
+            raise ConfigError(
+                f"{describe(asset, partition)} is stored as {len(stored)} {role} objects; "
+                "read() returns one object's bytes: use load() for the whole frame, or "
+                "read_object() for each of manifest.objects_of(role)")
+        return manifest, self.read_object(asset, partition, stored[0])
 
     def load(self, asset: AssetPath, partition: str | None, role: str = "data"
              ) -> tuple[Manifest, Any]:
-        """A committed partition's ``role`` object, verified, then decoded (DataFrame,
-        tensors or JSON)."""
+        """A committed partition's ``role`` objects, verified, then decoded (DataFrame,
+        tensors or JSON); a frame stored as several objects is read in parallel and
+        returned as one."""
         manifest = self.committed(asset, partition)
-        stored = manifest.object(role)
-        if stored is None:
-            return manifest, formats.decode(manifest.format, b"")
-        fmt = manifest.format if role == "data" else formats.format_of(stored.name)
-        return manifest, self.read_object(asset, partition, stored,
-                                          decode=lambda data: formats.decode(fmt, data))
+        return manifest, self.load_version(manifest, role)
+
+    def load_version(self, manifest: Manifest, role: str = "data") -> Any:
+        """``load`` of the committed version ``manifest`` (already looked up)."""
+        asset, partition = manifest.asset, manifest.partition
+        stored = manifest.objects_of(role)
+        if role == "data" and manifest.format == formats.BATCHES_FORMAT:
+            return formats.decode_batches(self._read_tables(asset, partition, stored),
+                                          manifest.dtypes)
+        if not stored:
+            return formats.decode(manifest.format, b"")
+        fmt = manifest.format if role == "data" else formats.format_of(stored[0].name)
+        return self.read_object(asset, partition, stored[0],
+                                decode=lambda data: formats.decode(fmt, data))
+
+    def _read_tables(self, asset: AssetPath, partition: str | None,
+                     stored: Sequence[StoredObject]) -> list[Any]:
+        """Each object read, verified and decoded as an Arrow table, in order; several at
+        once (object stores serve parallel reads; Parquet decoding releases the GIL)."""
+        def one(obj: StoredObject) -> Any:
+            return self.read_object(asset, partition, obj, decode=parquet.loads_table)
+
+        if len(stored) <= 1:
+            return [one(o) for o in stored]
+        with ThreadPoolExecutor(min(_READERS, len(stored)), "longrun-read") as pool:
+            return list(pool.map(one, stored))
 
     def committed(self, asset: AssetPath, partition: str | None) -> Manifest:
         """The committed version of a partition; ``PartitionNotCommitted`` if none."""

@@ -18,8 +18,10 @@ from longrun_dagster.errors import IncompleteCommit
 @dataclass(frozen=True)
 class Entry:
     """One completed batch: input rows ``[start, stop)``, rows out (valid), rows
-    quarantined, and what the stage's function counted while it ran (``stage.count``:
-    tokens, retries), so a resume keeps the partition's counters exact."""
+    quarantined, what the stage's function counted while it ran (``stage.count``:
+    tokens, retries), so a resume keeps the partition's counters exact, and the digest of
+    its valid rows (``formats.tables.digest``), so the partition's content version does
+    not depend on where an attempt was interrupted."""
 
     batch: int
     start: int
@@ -27,10 +29,13 @@ class Entry:
     rows_out: int
     rows_quarantined: int
     counts: Mapping[str, float] = field(default_factory=dict)
+    digest: str | None = None
 
     def as_json(self) -> list[Any]:
         rows: list[Any] = [self.batch, self.start, self.stop, self.rows_out,
                            self.rows_quarantined]
+        if self.digest is not None:
+            return rows + [dict(self.counts), self.digest]
         return rows + [dict(self.counts)] if self.counts else rows
 
 
@@ -59,9 +64,10 @@ class Ledger:
         self.entries: list[Entry] = list(entries)
 
     def add(self, batch: int, rows_out: int, rows_quarantined: int,
-            counts: Mapping[str, float] | None = None) -> Entry:
+            counts: Mapping[str, float] | None = None, digest: str | None = None) -> Entry:
         start, stop = self.plan.rows_of(batch)
-        entry = Entry(batch, start, stop, rows_out, rows_quarantined, dict(counts or {}))
+        entry = Entry(batch, start, stop, rows_out, rows_quarantined, dict(counts or {}),
+                      digest)
         self.entries.append(entry)
         return entry
 
@@ -85,6 +91,15 @@ class Ledger:
                 total[name] = total.get(name, 0) + n
         return total
 
+    @property
+    def digests(self) -> list[str] | None:
+        """Every batch's content digest in batch order (None: a batch has none, e.g. one
+        restored from a checkpoint written before 0.3)."""
+        entries = sorted(self.entries, key=lambda e: e.batch)
+        if any(e.digest is None for e in entries):
+            return None
+        return [e.digest for e in entries if e.digest is not None]
+
     def span(self, first: int, stop: int) -> tuple[int, int]:
         """(rows out, rows quarantined) of batches ``[first, stop)``."""
         chosen = [e for e in self.entries if first <= e.batch < stop]
@@ -98,8 +113,9 @@ class Ledger:
         """A ledger read from a cursor; ``ValueError`` if it is not a list of entries."""
         if not isinstance(raw, list) or not all(_entry_ok(e) for e in raw):
             raise ValueError("its ledger is missing or malformed")
-        return cls(plan, (Entry(e[0], e[1], e[2], e[3], e[4], dict(e[5]) if len(e) == 6 else {})
-                          for e in raw))
+        return cls(plan, (Entry(e[0], e[1], e[2], e[3], e[4],
+                                dict(e[5]) if len(e) >= 6 else {},
+                                e[6] if len(e) == 7 else None) for e in raw))
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -132,10 +148,16 @@ class Ledger:
         return found
 
     def verify_commit(self, *, where: str, rows_out: int, rows_quarantined: int,
-                      one_row_per_input: bool) -> None:
+                      one_row_per_input: bool,
+                      parts: Sequence[tuple[int, int, int]] | None = None) -> None:
         """Raise ``IncompleteCommit`` unless the ledger covers every batch of the plan
-        exactly once and the frames about to be committed hold exactly its rows."""
+        exactly once and the frames about to be committed hold exactly its rows. With
+        ``parts`` (the output as several objects: ``(first batch, stop batch, rows)`` each,
+        in order), also unless they tile the batches in order, each holding the ledger's
+        rows of its batches."""
         found = self.problems(upto=self.plan.batches, one_row_per_input=one_row_per_input)
+        if parts is not None:
+            found += _tiling(self, parts)
         if rows_out != self.rows_out:
             found.append(f"the output holds {rows_out} rows, the ledger {self.rows_out}")
         if rows_quarantined != self.rows_quarantined:
@@ -155,11 +177,31 @@ class Ledger:
                 "complete checkpoint) and report it", missing_batches=missing)
 
 
+def _tiling(ledger: "Ledger", parts: Sequence[tuple[int, int, int]]) -> list[str]:
+    found, at = [], 0
+    for first, stop, rows in parts:
+        if first != at:
+            found.append(f"an output object holds batches {first}..{stop - 1} after batch "
+                         f"{at - 1}")
+        want = ledger.span(first, stop)[0]
+        if rows != want:
+            found.append(f"the output object of batches {first}..{stop - 1} holds {rows} "
+                         f"rows, the ledger {want}")
+        at = max(at, stop)
+    if at != ledger.plan.batches:
+        found.append(f"the output objects end at batch {at - 1}, the plan at batch "
+                     f"{ledger.plan.batches - 1}")
+    return found
+
+
 def _entry_ok(raw: Any) -> bool:
-    """Five ints, and (with counters) a dict of names to finite numbers."""
-    if not isinstance(raw, list) or len(raw) not in (5, 6):
+    """Five ints, then (with counters or a digest) a dict of names to finite numbers,
+    then (with a digest) a string."""
+    if not isinstance(raw, list) or len(raw) not in (5, 6, 7):
         return False
     if not all(type(v) is int for v in raw[:5]):
+        return False
+    if len(raw) == 7 and not isinstance(raw[6], str):
         return False
     return len(raw) == 5 or (isinstance(raw[5], dict) and all(
         isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)

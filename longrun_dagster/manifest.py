@@ -6,9 +6,11 @@ none yet) and the claim of the attempt that currently owns the partition (or non
 live in one object so that one conditional write fences: claiming rewrites the record, so
 every earlier attempt's token goes stale and its commit is refused by the store itself.
 
-Format versions: 1 (a bare manifest, written up to 0.1) is still read; 2 is written. A
-record from a newer library raises ``NewerFormat`` ("upgrade"), never "damaged", so no
-writer overwrites what it cannot read.
+Format versions: 1 (a bare manifest, written up to 0.1) and 2 (0.2.0) are still read; 3 is
+written: a committed version may name several ``data`` objects (a stage's checkpoint
+shards, in batch order) and carries its content version over rows. A record from a newer
+library raises ``NewerFormat`` ("upgrade"), never "damaged", so no writer overwrites what
+it cannot read (an older library would read only the first of several data objects).
 """
 
 import hashlib
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from longrun_dagster.errors import CorruptObject, NewerFormat
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 UNNAMED_ALGORITHM = "sha256"
 """The digest algorithm of an object whose record names none (written up to 0.1)."""
 
@@ -39,6 +41,8 @@ class StoredObject(_Frozen):
     size: int
     digest: str
     algorithm: str = UNNAMED_ALGORITHM
+    rows: int | None = None
+    """Rows in it, where a writer counted them from the bytes it wrote (a stage's shards)."""
 
     @property
     def sha256(self) -> str:
@@ -81,6 +85,13 @@ class Manifest(_Frozen):
     created_at: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     generation: int | None = None
+    content: str | None = None
+    """The content version over the rows (a stage's ordered digest of its batches'
+    digests), the same however the rows were split into objects; None: the objects'
+    digests are the content version."""
+    dtypes: dict[str, str] = Field(default_factory=dict)
+    """Declared pandas dtypes of the columns of a multi-object frame (``parquet-batches``),
+    given back on read."""
     token: str = Field(default="", exclude=True)
     """The store's version token of the record this was read from (not stored)."""
 
@@ -93,11 +104,20 @@ class Manifest(_Frozen):
         return hash(self.data_version)
 
     def object(self, role: str = "data") -> StoredObject | None:
+        """The first object of ``role`` (see ``objects_of`` for a multi-object one)."""
         return next((o for o in self.objects if o.role == role), None)
+
+    def objects_of(self, role: str = "data") -> list[StoredObject]:
+        """The objects of ``role``, in order (a stage's data: one per checkpoint shard)."""
+        return [o for o in self.objects if o.role == role]
 
     @property
     def data_version(self) -> str:
-        """A short, stable identity of the committed bytes (for Dagster data versions)."""
+        """A short, stable identity of the committed content (for downstream fingerprints
+        and Dagster data versions): the content version over rows where one was recorded,
+        else one over the objects' digests."""
+        if self.content:
+            return self.content
         joined = ",".join(f"{o.role}:{o.digest}" for o in self.objects)
         return hashlib.sha256(joined.encode()).hexdigest()[:24]
 
@@ -152,7 +172,7 @@ def decode(data: bytes, token: str, uri: str) -> Record:
     try:
         if version == 1:
             return _from_version_1(body, token)
-        if version != FORMAT_VERSION:
+        if version not in (2, FORMAT_VERSION):
             raise ValueError(f"unknown format version {version!r}")
         commit, claim = body["commit"], body["claim"]
         manifest = Manifest.model_validate({**commit, "token": token}) if commit else None

@@ -509,13 +509,17 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
     meta = _stage_metadata(outcome, time.monotonic() - started)
     if spec.join_on is not None:
         meta["rows_unjoined"] = unjoined
-    check = _judge(spec, meta, partition)
-    result = attempt.commit(
-        outcome.output,
-        extra={"quarantine": outcome.quarantine} if outcome.rows_quarantined else {},
-        metadata={k: v for k, v in meta.items() if k != "failure_sample"},
-        ledger=outcome.ledger, one_row_per_input=spec.one_row_per_input,
-    )
+    try:
+        check = _judge(spec, meta, partition)
+        result = attempt.commit_batches(
+            ckpt, outcome, ledger=outcome.ledger,
+            quarantine=outcome.quarantine if outcome.rows_quarantined else None,
+            metadata={k: v for k, v in meta.items() if k != "failure_sample"},
+            one_row_per_input=spec.one_row_per_input,
+        )
+    except BaseException:
+        outcome.checkpoint_rest()  # not committed: a rerun resumes from every batch
+        raise
     if isinstance(result, Reused):
         return _reused(attempt, result.manifest, context)
     return _Partition(partition, result.manifest, False, fingerprint, _dagster_metadata(meta),
@@ -565,7 +569,8 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      need_vram_bytes=spec.need_vram_bytes, asset=spec.key.to_user_string(),
                      setup=setup if spec.setup is not None else None,
                      still_holds=still_holds, generation=generation,
-                     counts=stage._take_counts)  # noqa: SLF001
+                     counts=stage._take_counts,  # noqa: SLF001
+                     final_save=False)  # the commit writes the last batches itself
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:
@@ -582,10 +587,11 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
 
 
 def _stage_metadata(outcome: Outcome, wall: float) -> dict[str, Any]:
-    checked = len(outcome.output) + outcome.rows_quarantined
+    rows_out = outcome.ledger.rows_out
+    checked = rows_out + outcome.rows_quarantined
     return {
         "rows_in": outcome.rows_in,
-        "rows_out": len(outcome.output),
+        "rows_out": rows_out,
         "rows_quarantined": outcome.rows_quarantined,
         "bad_fraction": _fraction(outcome.rows_quarantined / checked if checked else 0.0),
         "failure_sample": failure_sample(outcome.failure_cases,

@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from longrun_dagster import formats
 from longrun_dagster.commit import Manifest, PartitionStore, describe
 from longrun_dagster.errors import ConfigError, PartitionNotCommitted
 from longrun_dagster.formats import parquet
@@ -137,14 +138,13 @@ def read(stage: str, partitions: PartitionStore, reads: Sequence[Read],
     partner in a join (0 without one)."""
     frames: dict[str, list[pd.DataFrame]] = {}
     for r in reads:
-        stored = r.manifest.object("data")
-        if r.manifest.format != "parquet" or stored is None:
+        if r.manifest.format not in (parquet.FORMAT, formats.BATCHES_FORMAT) or \
+                not r.manifest.objects_of("data"):
             raise ConfigError(
                 f"model stage {stage} maps over rows, but {describe(r.key.path, r.partition)}"
                 f" is stored as {r.manifest.format!r}; its asset must return a pandas "
                 "DataFrame")
-        frames.setdefault(r.name, []).append(
-            partitions.read_object(r.key.path, r.partition, stored, decode=parquet.loads))
+        frames.setdefault(r.name, []).append(partitions.load_version(r.manifest))
     whole = {name: _concat(parts) for name, parts in frames.items()}
     if len(whole) == 1:
         return next(iter(whole.values())), 0

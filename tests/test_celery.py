@@ -27,7 +27,7 @@ import pytest
 from tests.conftest import free_port, s3_client, wait_for_port
 
 pytest.importorskip("dagster_celery", reason="needs the celery extra: pip install -e .[celery]")
-from tests.helpers import celery_defs, pipeline  # noqa: E402
+from tests.helpers import celery_defs  # noqa: E402
 from tests.helpers.celery_deploy import (  # noqa: E402
     NO_REDIS,
     CeleryDeployment,
@@ -103,11 +103,17 @@ def commit_upstream(cluster: Cluster, *days: str) -> None:
 
 
 def clean_digest(tmp_path: Path, day: str) -> str:
-    """The digest of the stage's output for ``day`` computed in-process, uninterrupted."""
+    """The content version of the stage's output for ``day`` computed in-process,
+    uninterrupted (a resumed attempt's objects differ, its content version does not)."""
     base = (tmp_path / "clean").as_uri()
     assert dg.materialize([celery_defs.texts, celery_defs.scores], partition_key=day,
                           resources=celery_defs.resources(base, None, watchdog=False)).success
-    return pipeline.committed_sha(base, day)
+    from longrun_dagster import AtomicObjectStoreIOManager
+
+    manifest = AtomicObjectStoreIOManager(base_uri=base).partition_store().lookup(
+        ["scores"], day)
+    assert manifest is not None
+    return manifest.data_version
 
 
 def succeeded(runs: list[dg.DagsterRun]) -> list[dg.DagsterRun]:
@@ -136,7 +142,7 @@ def test_a_partition_is_committed_by_a_celery_worker(
         assert beat.process.host == worker
     manifest = d.committed(day)
     assert manifest is not None and manifest.run_id == run.run_id
-    assert manifest.object("data").digest == clean_digest(tmp_path, day)
+    assert manifest.data_version == clean_digest(tmp_path, day)
     assert d.materializations(day) == [run.run_id]
 
 
@@ -230,7 +236,7 @@ def test_c_worker_killed_mid_stage_is_recovered_on_the_other_node(
     cluster.lose(lost, signal.SIGKILL)
     done = _recovered(d, first, day)
     assert d.step_span(done.run_id).worker != cluster.node(lost)
-    assert d.committed(day).object("data").digest == clean
+    assert d.committed(day).data_version == clean
     print(f"worker lost (run retries {'on' if run_retries else 'off'}): committed "
           f"{_seconds_from_last_beat_to_commit(d, first, day):.1f}s after the last heartbeat"
           f" (stall timeout {celery_defs.STALL:.0f}s)\n{d.summary()}")
@@ -272,7 +278,7 @@ def test_d_frozen_worker_is_recovered_and_its_zombie_ends_itself(
     assert not _alive(stage), f"the woken stage process {stage.pid} is still running\n" \
         f"{d.describe()}\n{d.logs()}"
     time.sleep(2.0)  # a zombie that did not end would be committing now
-    assert d.committed(day) == committed and committed.object("data").digest == clean
+    assert d.committed(day) == committed and committed.data_version == clean
     assert d.materializations(day) == [done.run_id]
     print(f"frozen node: committed {seconds:.1f}s after the last heartbeat; the woken "
           f"stage process ended itself\n{d.summary()}")
@@ -423,7 +429,7 @@ class CeleryChaos:
         d.wait(lambda _: not d.claimed_slots(), 60, "every gpu pool slot to be freed")
         assert len(succeeded(d.runs(day))) == (done.status == S.SUCCESS), d.describe()
         manifest = d.committed(day)
-        assert manifest is not None and manifest.object("data").digest == shot.clean
+        assert manifest is not None and manifest.data_version == shot.clean
         computed = d.materializations(day, reused=False)
         if manifest.run_id == done.run_id:
             assert computed == [done.run_id], d.describe()

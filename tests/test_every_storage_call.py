@@ -122,11 +122,13 @@ def new_site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NewSite
 
 @dataclass(frozen=True)
 class Committed:
-    """A committed partition of the stage: decoded rows and raw bytes of both objects."""
+    """A committed partition of the stage: decoded rows, the content version of its data
+    objects (their boundaries follow the checkpoints that landed) and the quarantine's
+    raw bytes."""
 
     rows: pd.DataFrame
     quarantine: pd.DataFrame
-    data_bytes: bytes
+    content_version: bytes
     quarantine_bytes: bytes
 
 
@@ -139,7 +141,7 @@ def committed(store: ObjectStore) -> Committed | None:
     quarantine = pd.DataFrame({"row": []})  # a commit without quarantined rows has no object
     if manifest.object("quarantine") is not None:
         _, quarantine = partitions.load(STAGE, PART, role="quarantine")
-    return Committed(rows, quarantine, bytes(partitions.read(STAGE, PART)[1]),
+    return Committed(rows, quarantine, manifest.data_version.encode(),
                      bytes(partitions.read(STAGE, PART, role="quarantine")[1]))
 
 
@@ -186,15 +188,17 @@ def describe_rows(want: pd.DataFrame, got: pd.DataFrame, key: str) -> str:
 
 
 def differences(want: Committed, got: Committed) -> list[str]:
-    """How ``got`` differs from the baseline: rows first, then bytes alone."""
+    """How ``got`` differs from the baseline: rows first, then the data's content version
+    or the quarantine's bytes alone."""
     found = []
     for name, key, w, g in (("data", "id", want.rows, got.rows),
                             ("quarantine", "row", want.quarantine, got.quarantine)):
         if not (w.equals(g) and list(w.dtypes) == list(g.dtypes)):
             found.append(f"wrong {name} rows: {describe_rows(w, g, key)}")
-        elif (want.data_bytes if name == "data" else want.quarantine_bytes) != (
-                got.data_bytes if name == "data" else got.quarantine_bytes):
-            found.append(f"{name} rows equal but the bytes differ")
+        elif (want.content_version if name == "data" else want.quarantine_bytes) != (
+                got.content_version if name == "data" else got.quarantine_bytes):
+            what = "content version" if name == "data" else "bytes"
+            found.append(f"{name} rows equal but the {what} differ")
     return found
 
 

@@ -189,14 +189,19 @@ def test_exception_mid_partition_resumes_byte_identical(
 
 
 def test_checkpoints_are_deleted_once_committed(io: AtomicObjectStoreIOManager) -> None:
+    """Once committed, what is left under _checkpoints/ is exactly the shards the commit
+    promoted to data objects: no cursor, no shard of another attempt."""
     pipeline.MISBEHAVE["raise"] = {7}
     run(io)
     store = io.partition_store()
-    checkpoints = store.prefix(["scores"], DAY) + "_checkpoints/"
-    assert list(store.store.list(checkpoints))
+    prefix = store.prefix(["scores"], DAY)
+    checkpoints = prefix + "_checkpoints/"
+    assert any("cursor-" in i.key for i in store.store.list(checkpoints))
     pipeline.MISBEHAVE.clear()
     assert run(io, selection=[scores]).success
-    assert list(store.store.list(checkpoints)) == []
+    left = {i.key[len(prefix):] for i in store.store.list(checkpoints)}
+    promoted = {o.name for o in store.committed(["scores"], DAY).objects_of("data")}
+    assert left and left == {name for name in promoted if name.startswith("_checkpoints/")}
 
 
 def test_time_budget_ends_segments_that_resume_to_the_same_output(

@@ -6,9 +6,11 @@ from typing import Any
 import pandas as pd
 
 from longrun_dagster.errors import ConfigError, UnsupportedOutput
-from longrun_dagster.formats import parquet, records, tensors
+from longrun_dagster.formats import parquet, records, tables, tensors
 
 NONE_FORMAT = "none"
+BATCHES_FORMAT = "parquet-batches"
+"""A frame stored as several Parquet objects of a stage's batch tables, in order."""
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,9 @@ def decode(format_name: str, data: bytes) -> Any:
         f"unknown stored format {format_name!r}; this partition was written by a newer "
         "longrun-dagster, upgrade it to read this partition"
     )
+
+
+def decode_batches(parts: list[Any], dtypes: dict[str, str]) -> pd.DataFrame:
+    """The frame of a ``parquet-batches`` partition from its objects' Arrow tables, in
+    order: concatenated, its index restored, declared dtypes given back."""
+    return tables.with_dtypes(tables.frame_of(parts), tables.dtypes_of(dtypes))

@@ -120,17 +120,19 @@ def misbehave(out: pd.DataFrame, index: int) -> pd.DataFrame:
 
 
 def committed_sha(base: Any, partition: str, asset: str = "scores") -> str:
-    """SHA-256 of a committed partition's data object (``base``: an IO manager or a base
-    URI); byte-identical output means equal digests."""
+    """A committed partition's content identity (``base``: an IO manager or a base URI):
+    its content version and the SHA-256 of its rows as read back, re-encoded. Equal for
+    the same rows, dtypes and values, however the rows were split into stored objects
+    (a resumed attempt's shards differ from an uninterrupted one's)."""
+    import hashlib
+
     from longrun_dagster import AtomicObjectStoreIOManager
+    from longrun_dagster.formats import parquet
 
     io = base if isinstance(base, AtomicObjectStoreIOManager) else \
         AtomicObjectStoreIOManager(base_uri=base)
-    manifest = io.partition_store().lookup([asset], partition)
-    assert manifest is not None, f"{asset} {partition} is not committed"
-    data = manifest.object("data")
-    assert data is not None
-    return data.digest
+    manifest, frame = io.partition_store().load([asset], partition)
+    return f"{manifest.data_version}:{hashlib.sha256(parquet.dumps(frame)).hexdigest()}"
 
 
 def materialization_meta(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
