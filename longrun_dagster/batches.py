@@ -221,10 +221,11 @@ class BatchLoop:
                  pipelined: bool = True, still_holds: Callable[[], bool] | None = None,
                  generation: int = 0,
                  counts: Callable[[], dict[str, float]] | None = None,
-                 final_save: bool = True) -> None:
+                 final_save: bool = True, abort: Callable[[], None] | None = None) -> None:
         self.fn, self.frame, self.batch_size = fn, frame, batch_size
         self.counts = counts  # what fn counted in the batch it just ran (stage.count)
         self.final_save = final_save  # False: the commit writes the last batches instead
+        self.abort = abort  # at each batch boundary: raises to stop (a failed commit)
         self._restored_shards = 0  # tables of each kind that are restored shards
         self.schema, self.ckpt, self.cadence = schema, checkpointer, cadence
         self.hooks, self.name, self.log = list(hooks), name, log or _log
@@ -490,6 +491,8 @@ class BatchLoop:
     # -- stopping early ----------------------------------------------------------------
 
     def _check_stop(self, index: int, per_batch: float) -> None:
+        if self.abort is not None:
+            self.abort()
         if self._stop.is_set():
             self._join()
             self._save(wait=True)

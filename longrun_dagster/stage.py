@@ -11,6 +11,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,9 @@ from longrun_dagster.validation import WRONG_COLUMNS, Schema, as_schema, failure
 dagster_fixes.apply()
 
 CHECK_NAME = "schema_valid_rows"
+OVERLAP_COMMITS = True
+"""A range run commits partition k while it computes k+1 (False: one after the other;
+for bench/reuse.py's comparison)."""
 STAGE_TAG = "longrun/stage"
 
 
@@ -390,22 +394,32 @@ def _execute(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext
     keys = _run_partition_keys(context)
     model = _ModelOnce(spec.setup)
     resources = resource_configs(context, spec.resource_keys)
-    done: list[_Partition] = []
-    for key in keys:
+    commits = _Commits(context.log, overlap=len(keys) > 1 and OVERLAP_COMMITS)
+    try:
+        for key in keys:
+            try:
+                _one_partition(spec, fn, context, partitions, key, model, resources, commits,
+                               in_range=len(keys) > 1)
+            except _OverBudget as over:
+                yield from _report_committed(spec, context, partitions, commits.settle(),
+                                             len(keys))
+                if len(keys) == 1:
+                    yield over.check
+                else:
+                    yield _evaluation(spec, context, key, over.check)
+                    yield from _check_output(spec, context)
+                raise over.failure from None
+            except BaseException:
+                yield from _report_committed(spec, context, partitions, commits.settle(),
+                                             len(keys))
+                raise
         try:
-            done.append(_one_partition(spec, fn, context, partitions, key, model, resources,
-                                       in_range=len(keys) > 1))
-        except _OverBudget as over:
-            yield from _report_committed(spec, context, partitions, done, len(keys))
-            if len(keys) == 1:
-                yield over.check
-            else:
-                yield _evaluation(spec, context, key, over.check)
-                yield from _check_output(spec, context)
-            raise over.failure from None
+            done = commits.wait()
         except BaseException:
-            yield from _report_committed(spec, context, partitions, done, len(keys))
+            yield from _report_committed(spec, context, partitions, commits.done, len(keys))
             raise
+    finally:
+        commits.close()
     if len(keys) == 1:  # the output first: a verdict is current for the materialization
         [one] = done      # before it, so the UI shows it for that partition
         yield _output(CommittedPartition(one.manifest, reused=one.reused), one.fingerprint,
@@ -483,7 +497,8 @@ def _evaluation(spec: StageSpec, context: dg.AssetExecutionContext, partition: s
 
 def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionContext,
                    partitions: PartitionStore, partition: str | None, model: _ModelOnce,
-                   resources: Mapping[str, Any], *, in_range: bool) -> _Partition:
+                   resources: Mapping[str, Any], commits: "_Commits", *, in_range: bool
+                   ) -> None:
     started = time.monotonic()
     inputs = upstream_rows.manifests(spec.name, spec.key, spec.upstreams, context,
                                      partitions, partition, in_range=in_range)
@@ -492,38 +507,96 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
                                fingerprint=fingerprint, log=context.log)
     reusable = attempt.reusable()
     if reusable is not None:
-        return _reused(attempt, reusable, context, quiet=in_range)
+        return commits.add(_reused(attempt, reusable, context, quiet=in_range))
     if attempt.problems:
         context.log.warning(f"{attempt.describe()} is committed with this fingerprint, but "
                             f"{'; '.join(attempt.problems)}; recomputing it")
     claimed = attempt.claim()
     if isinstance(claimed, Reused):
-        return _reused(attempt, claimed.manifest, context)
+        return commits.add(_reused(attempt, claimed.manifest, context))
     stage = StageContext(spec.key, partition, context.run.run_id, context.log, context.resources,
                          spec.config)
     _tag_stage_run(context, spec)
     frame, unjoined = upstream_rows.read(spec.name, partitions, inputs, spec.join_on)
     ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs, resources), log=context.log)
     outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds,
-                        claimed.claim.generation)
+                        claimed.claim.generation, abort=commits.raise_failed)
     meta = _stage_metadata(outcome, time.monotonic() - started)
     if spec.join_on is not None:
         meta["rows_unjoined"] = unjoined
     try:
         check = _judge(spec, meta, partition)
-        result = attempt.commit_batches(
-            ckpt, outcome, ledger=outcome.ledger,
-            quarantine=outcome.quarantine if outcome.rows_quarantined else None,
-            metadata={k: v for k, v in meta.items() if k != "failure_sample"},
-            one_row_per_input=spec.one_row_per_input,
-        )
     except BaseException:
         outcome.checkpoint_rest()  # not committed: a rerun resumes from every batch
         raise
-    if isinstance(result, Reused):
-        return _reused(attempt, result.manifest, context)
-    return _Partition(partition, result.manifest, False, fingerprint, _dagster_metadata(meta),
-                      check)
+
+    def commit() -> _Partition:
+        try:
+            result = attempt.commit_batches(
+                ckpt, outcome, ledger=outcome.ledger,
+                quarantine=outcome.quarantine if outcome.rows_quarantined else None,
+                metadata={k: v for k, v in meta.items() if k != "failure_sample"},
+                one_row_per_input=spec.one_row_per_input,
+            )
+        except BaseException:
+            outcome.checkpoint_rest()
+            raise
+        if isinstance(result, Reused):
+            return _reused(attempt, result.manifest, context)
+        return _Partition(partition, result.manifest, False, fingerprint,
+                          _dagster_metadata(meta), check)
+
+    commits.submit(commit)
+
+
+class _Commits:
+    """The partitions of a run, done in order. A range run commits partition k in a
+    background thread while partition k+1 computes (the GPU does not wait for k's last
+    shard and record); at most one commit is in flight. A failed commit stops the
+    partition computing at its next batch (``raise_failed``), which checkpoints it."""
+
+    def __init__(self, log: Any, *, overlap: bool) -> None:
+        self.log = log
+        self.done: list[_Partition] = []
+        self._pool = ThreadPoolExecutor(1, "longrun-commit") if overlap else None
+        self._inflight: Future[_Partition] | None = None
+
+    def add(self, one: _Partition) -> None:
+        self.wait()
+        self.done.append(one)
+
+    def submit(self, commit: Callable[[], _Partition]) -> None:
+        self.wait()
+        if self._pool is None:
+            self.done.append(commit())
+        else:
+            self._inflight = self._pool.submit(commit)
+
+    def wait(self) -> list[_Partition]:
+        """Every partition done, once the commit in flight landed (its error raised)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self.done.append(inflight.result())
+        return self.done
+
+    def raise_failed(self) -> None:
+        """At a batch boundary: raise the error of a commit in flight that failed."""
+        inflight = self._inflight
+        if inflight is not None and inflight.done() and inflight.exception() is not None:
+            self.wait()
+
+    def settle(self) -> list[_Partition]:
+        """The partitions done, for a run that is failing anyway: a commit in flight is
+        waited for; its own failure, if any, is logged (the run's error is another)."""
+        try:
+            return self.wait()
+        except Exception as exc:  # noqa: BLE001 - the error the run fails with matters more
+            self.log.error(f"a commit in flight failed as well: {exc}")
+            return self.done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _tag_stage_run(context: dg.AssetExecutionContext, spec: StageSpec) -> None:
@@ -550,8 +623,8 @@ def _partition_store(spec: StageSpec, context: dg.AssetExecutionContext) -> Part
 
 def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataFrame,
               ckpt: Checkpointer, model: _ModelOnce, context: dg.AssetExecutionContext,
-              still_holds: Callable[[], bool] | None = None, generation: int = 0
-              ) -> Outcome:
+              still_holds: Callable[[], bool] | None = None, generation: int = 0,
+              abort: Callable[[], None] | None = None) -> Outcome:
     hooks: list[StageHook] = [getattr(context.resources, k) for k in spec.hook_resource_keys]
 
     def batch_fn(batch: pd.DataFrame, index: int) -> pd.DataFrame:
@@ -570,7 +643,8 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      setup=setup if spec.setup is not None else None,
                      still_holds=still_holds, generation=generation,
                      counts=stage._take_counts,  # noqa: SLF001
-                     final_save=False)  # the commit writes the last batches itself
+                     final_save=False,  # the commit writes the last batches itself
+                     abort=abort)
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:

@@ -1,6 +1,7 @@
 """Range runs (``BackfillPolicy.single_run()``, the ``dagster/asset_partition_range_*``
 tags): one model load, every partition its own attempt and its own materialization."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,9 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from longrun_dagster import AtomicObjectStoreIOManager, StageContext, model_stage
+from longrun_dagster import AtomicObjectStoreIOManager, StageContext, StorageError, model_stage
+from longrun_dagster.commit import PartitionStore
+from longrun_dagster.storage import LocalStore
 from tests.helpers import pipeline
 from tests.helpers.pipeline import DAYS, Scored, load_model, score_batch, texts
 
@@ -187,3 +190,49 @@ def test_the_schema_check_is_partitioned_one_verdict_per_partition(
     assert check_verdicts(failed) == {d: True for d in ALL[:-1]}
     assert check_verdicts(run_one(io, ALL[-1])) == {ALL[-1]: True}
     assert check_verdicts(run_range(io, ALL[0], ALL[-1])) == {d: True for d in ALL}
+
+
+class _FailingCommitStore(LocalStore):
+    """A local store whose commit of one partition's last batches fails after a while (a
+    disk or an endpoint gone), while the run computes the next partition."""
+
+    def put(self, key: str, data: Any, **kw: Any) -> Any:
+        leaf = key.rpartition("/")[2]
+        if "/p=2024-01-02/" in key and leaf.startswith("data-"):
+            deadline = time.monotonic() + 60  # (commits that block the compute: fail)
+            while len(pipeline.CALLS) < 42 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the next partition is two batches in
+            raise StorageError(f"injected: the commit of {key} failed")
+        return super().put(key, data, **kw)
+
+
+class _FailingCommitIO(AtomicObjectStoreIOManager):
+    def _build(self) -> PartitionStore:
+        return PartitionStore(_FailingCommitStore(Path(self.base_uri[len("file://"):])))
+
+
+def test_a_failed_commit_stops_the_next_partition_and_reports_what_committed(
+        io: AtomicObjectStoreIOManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A range run commits partition k while it computes k+1. When k's commit fails, the
+    run stops k+1 at its next batch (checkpointed), fails with k's error, and reports the
+    partitions committed before k; a rerun reuses them and resumes the others."""
+    monkeypatch.setenv("BATCH_SLEEP", "0.05")
+    failing = _FailingCommitIO(base_uri=io.base_uri)
+    result = dg.materialize(
+        [texts, scores], selection=[scores], resources={"io_manager": failing},
+        raise_on_error=False,
+        tags={"dagster/asset_partition_range_start": ALL[0],
+              "dagster/asset_partition_range_end": ALL[2]})
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "injected: the commit of" in str(failure.event_specific_data.error)  # type: ignore[union-attr]
+    assert set(materialized(result)) == {ALL[0]}
+    assert committed_runs(io) == {ALL[0]: result.run_id, ALL[1]: None, ALL[2]: None,
+                                  ALL[3]: None}
+    third = len(pipeline.CALLS) - 40
+    assert 0 < third < 20, f"the third partition ran {third} batches after the failure"
+    pipeline.CALLS.clear()
+    monkeypatch.setenv("BATCH_SLEEP", "0")
+    again = run_range(io, ALL[0], ALL[2])
+    assert again.success and len(pipeline.CALLS) == 20 - third, \
+        "the rerun recomputed checkpointed batches"
