@@ -8,7 +8,7 @@ does not pull in Dagster.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {
     "AtomicObjectStoreIOManager": "longrun_dagster.io_manager",

@@ -47,13 +47,15 @@ def materialization_metadata(
     store: PartitionStore, manifest: Manifest, *, reused: bool
 ) -> dict[str, Any]:
     """What every materialization records about the partition it committed or reused."""
-    data = manifest.object("data")
+    objects = manifest.objects_of("data")
+    data = objects[0] if len(objects) == 1 else None  # several: the content version says
     uri = store.uri(manifest.asset, manifest.partition)
     meta: dict[str, Any] = {
         "dagster/uri": dg.MetadataValue.path(uri),
         "uri": dg.MetadataValue.path(uri),
         "bytes": manifest.size,
         "format": manifest.format,
+        "data_objects": len(objects),
         "digest": data.digest if data else "",
         "digest_algorithm": data.algorithm if data else "",
         "reused": reused,

@@ -103,7 +103,8 @@ def test_a_range_run_reuses_what_is_committed_and_loads_the_model_once(
     assert meta[ALL[1]]["reused"] is True  # with the committing run's figures
     assert meta[ALL[1]]["model_calls"] == 20 and meta[ALL[1]]["committed_by_run"] == \
         before[ALL[1]]
-    assert meta[ALL[0]]["digest"] != meta[ALL[3]]["digest"], "each partition its own metadata"
+    assert meta[ALL[0]]["content_version"] != meta[ALL[3]]["content_version"], \
+        "each partition its own metadata"
     root = Path(io.partition_store().store.uri_of("scores").removeprefix("file://"))
     assert not (root / "_unpartitioned").exists()
     assert not list(root.rglob("_checkpoints/*/*/cursor-*"))

@@ -287,8 +287,8 @@ def test_backfill_through_graphql_commits_every_partition_to_s3(
             assert meta["reused"] is False and meta["committed_by_run"] == event["runId"]
             manifest = store.lookup([asset], day)  # the S3 bucket holds what the UI shows
             assert manifest is not None and manifest.run_id == event["runId"], (asset, day)
-            data = manifest.object("data")
-            assert data is not None and meta["digest"] == data.digest, (asset, day, meta)
+            assert meta["content_version"] == manifest.data_version, (asset, day, meta)
+            assert meta["data_objects"] == len(manifest.objects_of("data")) >= 1
             assert meta["uri"] == store.uri([asset], day) and meta["uri"].startswith("s3://")
             store.verify(manifest)
             if asset in STAGES:
