@@ -10,26 +10,50 @@ creation: an in-memory one (the stage's own cost), then a SQLite one (a laptop's
 ``--model-ms`` of simulated GPU time per partition; ``setup`` (the model load) sleeps
 0.5 s, as loading real weights does. The missing 10% are the last partitions, so either
 backfill is one range. One-run-per-partition figures are timed on a sample and scaled.
+
+    python bench/reuse.py --overlap [--computed 100] [--rows 2048] [--model-ms 10] [--repeat 3]
+
+``--overlap`` measures instead a range run of ``--computed`` partitions that all compute
+(nothing committed before) with ``longrun_dagster.stage.OVERLAP_COMMITS`` False ("old":
+each partition committed before the next computes) and True ("new": partition k commits
+in a background thread while k+1 computes), interleaved old, new, old, new...
+``--repeat`` times, after an untimed warm-up range run of each over two partitions (the
+process's first runs pay one-time costs). Each run has its own fresh base URI
+(``file://``, a temporary folder) and its own in-memory Dagster instance; the upstream
+``ids`` (``--rows`` per partition) are committed first by one range run, not timed. The
+timed part is the stage's range run alone (``dg.materialize`` with ``selection=[stage]``
+and the range tags). The stage embeds each row as 384 float32 (deterministic per
+partition and batch), batches of 256, a checkpoint every 4 batches, ``--model-ms`` of
+simulated GPU time per batch (a sleep, which releases the GIL as a CUDA call does;
+default 10 ms here). Per variant: best and median wall, model time (batches x model-ms)
+/ wall, and new/old. Asserts that every run committed every partition, with the same
+content version (``data_version``) per partition in both variants.
 """
 
 import argparse
 import logging
 import shutil
+import statistics
 import tempfile
 import time
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 import torch
 
+import longrun_dagster.stage as stage_module
 from longrun_dagster import AtomicObjectStoreIOManager, StageContext, model_stage
 
 CALLS = [0]
 LOADS = [0]
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
+EMBED_SCHEMA = pa.DataFrameSchema({"id": pa.Column(str), "embedding": pa.Column(object)})
+EMBED_BATCH = 256
+EMBED_DIM = 384
 
 
 def build(n: int, model_ms: float) -> tuple[Any, Any]:
@@ -137,13 +161,122 @@ def report(name: str, got: dict[str, float], n: int, sample: int) -> None:
           f"{got['computed_each'] * 1e3:.0f} ms")
 
 
+def build_embedder(n: int, rows_per_partition: int, model_ms: float) -> tuple[Any, Any]:
+    """``ids`` (``rows_per_partition`` per partition) and ``embedded``, a stage that embeds
+    each row as 384 float32, deterministic per partition and batch (so both variants
+    commit the same content)."""
+    parts = dg.StaticPartitionsDefinition([f"p{i:05d}" for i in range(n)])
+
+    @dg.asset(partitions_def=parts, backfill_policy=dg.BackfillPolicy.single_run())
+    def ids(context: dg.AssetExecutionContext) -> dict[str, pd.DataFrame]:
+        return {key: pd.DataFrame({"id": [f"{key}-{i}" for i in range(rows_per_partition)]})
+                for key in context.partition_keys}
+
+    @model_stage(upstream=ids, schema=EMBED_SCHEMA, partitions_def=parts,
+                 batch_size=EMBED_BATCH, checkpoint_every_batches=4,
+                 backfill_policy=dg.BackfillPolicy.single_run())
+    def embedded(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
+        CALLS[0] += 1
+        time.sleep(model_ms / 1000)
+        seed = int(str(stage.partition_key)[1:]) * 1_000_003 + stage.batch_index
+        vectors = np.random.default_rng(seed).random((len(batch), EMBED_DIM),
+                                                     dtype=np.float32)
+        return pd.DataFrame({"id": batch.id.to_numpy(), "embedding": list(vectors)})
+
+    return ids, embedded
+
+
+def overlap_once(ids: Any, embedded: Any, keys: list[str], overlap: bool
+                 ) -> tuple[float, int, dict[str, str], int]:
+    """One timed range run of ``embedded`` over ``keys`` (all computing) with
+    ``OVERLAP_COMMITS = overlap``, on a fresh base URI and in-memory instance. Returns the
+    wall, the model calls, each partition's content version and the bytes committed."""
+    tmp = tempfile.mkdtemp(prefix="reuse-overlap-")
+    saved = stage_module.OVERLAP_COMMITS
+    try:
+        io = AtomicObjectStoreIOManager(base_uri=f"file://{tmp}/lr")
+        instance = dg.DagsterInstance.ephemeral()
+        range_run([ids, embedded], [ids], io, keys[0], keys[-1], instance)
+        store = io.partition_store()
+        assert all(store.lookup(["embedded"], key) is None for key in keys)
+        stage_module.OVERLAP_COMMITS = overlap
+        CALLS[0] = 0
+        wall = range_run([ids, embedded], [embedded], io, keys[0], keys[-1], instance)
+        calls = CALLS[0]
+        manifests = {key: store.lookup(["embedded"], key) for key in keys}
+        missing = [key for key, manifest in manifests.items() if manifest is None]
+        assert not missing, f"overlap={overlap}: not committed: {missing[:5]}"
+        versions = {key: m.data_version for key, m in manifests.items() if m is not None}
+        size = sum(m.size for m in manifests.values() if m is not None)
+        return wall, calls, versions, size
+    finally:
+        stage_module.OVERLAP_COMMITS = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def overlap_main(computed: int, rows_per_partition: int, model_ms: float, repeat: int) -> None:
+    ids, embedded = build_embedder(computed, rows_per_partition, model_ms)
+    keys = [f"p{i:05d}" for i in range(computed)]
+    batches = computed * -(-rows_per_partition // EMBED_BATCH)
+    model_s = batches * model_ms / 1000
+    print(f"range run of {computed} partitions, all computing, {rows_per_partition} rows each "
+          f"({EMBED_DIM} float32 per row), batch {EMBED_BATCH}, checkpoint every 4 batches, "
+          f"{model_ms:g} ms simulated model time per batch: {batches} batches, model time "
+          f"{model_s:.2f} s; fresh file:// base URI and in-memory Dagster instance per run; "
+          f"OVERLAP_COMMITS False (old) / True (new) interleaved, {repeat} runs each, after an "
+          f"untimed warm-up run of each over {min(2, computed)} partition(s)")
+    variants = {"old": False, "new": True}
+    for overlap in variants.values():  # the process's first runs pay one-time costs
+        overlap_once(ids, embedded, keys[:2], overlap)
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    versions: dict[str, str] = {}
+    for turn in range(repeat):
+        for name, overlap in variants.items():
+            wall, calls, got, size = overlap_once(ids, embedded, keys, overlap)
+            assert calls == batches, f"{name}: {calls} model calls, expected {batches}"
+            if not versions:
+                versions = got
+            differ = [key for key in keys if got[key] != versions[key]]
+            assert not differ, f"{name} run {turn + 1}: content versions differ: {differ[:5]}"
+            walls[name].append(wall)
+            print(f"  run {turn + 1} {name} (OVERLAP_COMMITS={overlap}): {wall:.2f} s, "
+                  f"model/wall {model_s / wall:.2f}, committed {size / 1e6:.1f} MB", flush=True)
+    print(f"every run committed all {computed} partitions; content versions equal across "
+          f"variants and runs")
+    print("| variant | OVERLAP_COMMITS | best s | median s | model/wall (best) | "
+          "model/wall (median) | new/old best | new/old median |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    best_of = {name: min(w) for name, w in walls.items()}
+    median_of = {name: statistics.median(w) for name, w in walls.items()}
+    for name, overlap in variants.items():
+        ratios = (f"{best_of[name] / best_of['old']:.3f} | "
+                  f"{median_of[name] / median_of['old']:.3f}" if name == "new" else " | ")
+        print(f"| {name} | {overlap} | {best_of[name]:.2f} | {median_of[name]:.2f} | "
+              f"{model_s / best_of[name]:.2f} | {model_s / median_of[name]:.2f} | {ratios} |")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partitions", type=int, default=1000)
-    parser.add_argument("--model-ms", type=float, default=50.0)
+    parser.add_argument("--model-ms", type=float, default=None,
+                        help="simulated model time: per partition (default 50), or with "
+                             "--overlap per batch (default 10)")
     parser.add_argument("--per-partition-sample", type=int, default=100)
+    parser.add_argument("--overlap", action="store_true",
+                        help="range run of --computed partitions, all computing, "
+                             "OVERLAP_COMMITS False vs True interleaved")
+    parser.add_argument("--computed", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=2048, help="rows per partition (--overlap)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant (--overlap)")
     args = parser.parse_args()
     logging.getLogger("dagster").setLevel(logging.WARNING)
+    if args.overlap:
+        overlap_main(args.computed, args.rows,
+                     10.0 if args.model_ms is None else args.model_ms, args.repeat)
+        return
+    if args.model_ms is None:
+        args.model_ms = 50.0
     n = args.partitions
     rows, scores = build(n, args.model_ms)
     keys = [f"p{i:05d}" for i in range(n)]

@@ -42,6 +42,8 @@ from longrun_dagster.storage import ObjectStore
 
 _log = logging.getLogger("longrun_dagster.attempt")
 _CLAIM_TRIES = 50
+_STATS_BEFORE_LISTING = 2
+"""A reuse check stats up to this many objects, and lists the partition for more."""
 Log = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -91,20 +93,30 @@ def read_record(store: ObjectStore, layout: PartitionLayout
 
 
 def check_sizes(store: ObjectStore, layout: PartitionLayout, committed: Manifest) -> list[str]:
-    """What is wrong with the objects a manifest names that one stat each can see
-    (missing, or not the recorded size), without reading them; empty if nothing."""
+    """What is wrong with the objects a manifest names that a stat can see (missing, or
+    not the recorded size), without reading them; empty if nothing. One stat each, or
+    one listing of the partition for a stage's many shards."""
+    if len(committed.objects) > _STATS_BEFORE_LISTING:
+        listed = {info.key: info.size for info in store.list(layout.prefix)}
+        sizes = {o.name: listed.get(layout.key(o.name)) for o in committed.objects}
+    else:
+        sizes = {o.name: _size(store, layout.key(o.name)) for o in committed.objects}
     problems = []
     for stored in committed.objects:
-        key = layout.key(stored.name)
-        try:
-            size = store.stat(key).size
-        except ObjectNotFound:
+        key, size = layout.key(stored.name), sizes[stored.name]
+        if size is None:
             problems.append(f"{store.uri_of(key)} is missing")
-            continue
-        if size != stored.size:
+        elif size != stored.size:
             problems.append(f"{store.uri_of(key)} has {size} bytes, its manifest says "
                             f"{stored.size}")
     return problems
+
+
+def _size(store: ObjectStore, key: str) -> int | None:
+    try:
+        return store.stat(key).size
+    except ObjectNotFound:
+        return None
 
 
 def damaged_record_fix(uri: str) -> str:
