@@ -250,7 +250,7 @@ def actionable(message: str) -> bool:
 @dataclass
 class Ledger:
     """What the test knows: committed partitions as first seen, the objects it damaged,
-    and the clean run's data digests. ``check`` asserts the invariants."""
+    and the clean run's content versions. ``check`` asserts the invariants."""
 
     partitions: PartitionStore  # direct to the store, never through the proxy
     clean: dict[tuple[str, str], str]
@@ -322,9 +322,9 @@ class Ledger:
                 f"{name}: committed data fails verification, not damaged by the test: {exc}"
             assert exc.uri.endswith(damaged) and damaged in str(exc), f"{name}: {exc}"
             return
-        stored = manifest.object("data")
-        assert stored is not None
-        assert stored.digest == self.clean[key], f"{name}: committed data differs from clean"
+        assert manifest.object("data") is not None
+        assert manifest.data_version == self.clean[key], \
+            f"{name}: committed data differs from clean"
         assert key not in self.damaged or self.damaged[key].endswith(MANIFEST), \
             f"{name}: damaged object reads as intact"
 
