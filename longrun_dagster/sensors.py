@@ -276,8 +276,13 @@ class Tick:
         """End every run (its reason written first), wait up to the kill grace for each to
         be terminal, mark the rest failed, free their pool slots; each in its final state.
         A run that cannot be ended now is left for the next tick (it is still stalled)."""
-        marked = [(v, r) for v, r in items if self._guard(v, partial(
-            self._tag, v.run_id, {T.ENDING: T.mark(v.run_id, r)}))]
+        marked = []
+        for view, reason in items:
+            if self._guard(view, partial(self._tag, view.run_id,
+                                         {T.ENDING: T.mark(view.run_id, reason)})):
+                marked.append((view, reason))
+            else:  # SQLite: a process frozen mid-write may hold the lock; it goes first
+                self._guard(view, partial(self._kill_frozen, view))
         stopping = [t for t in (self._guard(v, partial(self._stop, v)) for v, _ in marked)
                     if isinstance(t, threading.Thread)]
         deadline = time.time() + self.timing.kill_grace
@@ -331,6 +336,15 @@ class Tick:
                                   args=(self.instance, run.run_id, self.log), daemon=True)
         thread.start()
         return thread
+
+    def _kill_frozen(self, run: RunView) -> None:
+        """SIGKILL the run's stopped (frozen) processes that this host can name: on SQLite
+        one stopped in the middle of a write holds the database locked, so nothing about
+        the run can be written (not even why it is ended) until it is gone. The next tick
+        ends the run as usual."""
+        for beat in run.working:
+            if process_alive_here_of(beat.process) and _stopped(beat.process):
+                _signal(beat.process, signal.SIGKILL, self.log)
 
     def _final(self, run: RunView, reason: str, deadline: float) -> Any:
         while True:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -628,3 +628,33 @@ def test_a_stalled_run_whose_event_log_is_locked_is_still_ended_and_relaunched(
                                                     kill_grace_seconds=0.0))
     assert [r.run_key for r in requests] == [key(frozen)]
     assert own(instance, frozen.run_id).get(T.ENDING)
+
+
+def test_a_frozen_process_holding_the_run_database_is_killed_though_no_tag_can_be_written(
+        instance: dg.DagsterInstance, sleeper: subprocess.Popen[bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite, a stage SIGSTOPped in the middle of a write to the run database: it holds
+    the lock, so the sensor's first act on the stalled run, writing why it ends it
+    (``longrun/ending``), raised "database is locked"; the sensor then never signalled the
+    process that held the lock, and the run stayed STARTED for ever (seen:
+    test_frozen_or_killed_run_is_relaunched_by_the_sensor[SIGSTOP-False] beside two CI
+    runs). A frozen process of its own is killed anyway; the next tick ends the run."""
+    import sqlite3
+
+    sleeper.send_signal(signal.SIGSTOP)
+    run = stage_run(instance, dg.DagsterRunStatus.STARTED,
+                    Beat(time.time() - 100, 1, 9, current_process(sleeper.pid)))
+    real = instance.add_run_tags
+
+    def locked(run_id: str, new_tags: Mapping[str, str]) -> None:
+        if run_id == run.run_id and T.ENDING in new_tags:
+            raise sqlite3.OperationalError("database is locked")
+        real(run_id, new_tags)
+
+    monkeypatch.setattr(instance, "add_run_tags", locked)
+    sensor = stalled_run_sensor(stall_timeout_seconds=10, kill_grace_seconds=0.5)
+    tick(instance, sensor)
+    assert sleeper.wait(10) == -signal.SIGKILL, "the frozen process was left holding the lock"
+    monkeypatch.setattr(instance, "add_run_tags", real)  # the lock went with the process
+    requests, _ = tick(instance, sensor)
+    assert [r.run_key for r in requests] == [key(run)]
