@@ -278,7 +278,7 @@ class PartitionAttempt:
                   ledger.span(first, stop)[0]) for obj, (first, stop) in outcome.shards]
         covered = parts[-1][1] if parts else 0
         tail_rows = sum(t.num_rows for t in outcome.tail)
-        if outcome.tail and (tail_rows or not parts):
+        if covered < ledger.plan.batches or not parts:  # (no batch at all: one empty part)
             parts.append((covered, ledger.plan.batches, tail_rows))
         ledger.verify_commit(where=self.describe(), rows_out=sum(p[2] for p in parts),
                              rows_quarantined=0 if quarantine is None else len(quarantine),

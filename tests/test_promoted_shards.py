@@ -210,3 +210,16 @@ def _checkpointed(attempt: Any) -> tuple[Any, _Outcome, Ledger]:
     shard = parquet.dumps_table(tables.concat(batch_tables[:2]))
     ckpt.save(2, new_shards=[("valid", shard, 4)])
     return ckpt, _Outcome(ckpt.shards("valid"), batch_tables[2:]), ledger
+
+
+def test_a_tail_whose_rows_were_all_quarantined_commits(tmp_path: Path) -> None:
+    """The batches after the last checkpoint (18 and 19) returned nothing valid (each
+    quarantined whole): the commit took the tail for missing ("the output objects end at
+    batch 17") and refused a partition within its budget."""
+    io = io_at(tmp_path, "lr")
+    pipeline.MISBEHAVE["short"] = {18, 19}
+    stage = make_scores(max_bad_fraction=0.2)  # checkpoints at 3, 6 .. 18
+    assert run(io, [texts, stage]).success
+    manifest, frame = committed(io)
+    assert len(frame) == manifest.rows == 180
+    assert [o.rows for o in manifest.objects_of("data")] == [30] * 6
