@@ -3,7 +3,6 @@ objects, the commit writes only the batches after the last checkpoint and the re
 the content version is defined over rows, so an interrupted attempt and an uninterrupted
 one commit the same content (issue 26)."""
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,14 @@ from longrun_dagster.ledger import Ledger, Plan
 from longrun_dagster.manifest import StoredObject
 from longrun_dagster.storage import LocalStore
 from tests.helpers import pipeline
-from tests.helpers.pipeline import make_scores, texts
+from tests.helpers.pipeline import (
+    clean_pipeline,  # noqa: F401 - autouse
+    make_scores,
+    texts,
+)
 
 DAY = "2024-01-02"
 ASSET = ["scores"]
-
-
-@pytest.fixture(autouse=True)
-def clean_calls() -> Iterator[None]:
-    pipeline.CALLS.clear()
-    pipeline.MISBEHAVE.clear()
-    yield
-    pipeline.MISBEHAVE.clear()
 
 
 def io_at(tmp_path: Path, name: str) -> AtomicObjectStoreIOManager:

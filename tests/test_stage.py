@@ -2,7 +2,6 @@
 resume after an exception, time-boxed segments, checkpoint clean-up."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,15 @@ from longrun_dagster import AtomicObjectStoreIOManager, LongrunError, Validation
 from longrun_dagster import tags as T
 from longrun_dagster.commit import PartitionStore
 from tests.helpers import pipeline
-from tests.helpers.pipeline import make_scores, scores, summary, texts
+from tests.helpers.pipeline import (
+    clean_pipeline,  # noqa: F401 - autouse
+    make_scores,
+    scores,
+    summary,
+    texts,
+)
 
 DAY = "2024-01-02"
-
-
-@pytest.fixture(autouse=True)
-def clean_calls() -> Iterator[None]:
-    pipeline.CALLS.clear()
-    pipeline.MISBEHAVE.clear()
-    yield
-    pipeline.MISBEHAVE.clear()
 
 
 @pytest.fixture

@@ -7,12 +7,14 @@ can inject malformed output; ``BATCH_SLEEP`` slows batches so kills land mid-run
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pytest
 import torch
 
 from longrun_dagster import StageContext, model_stage
@@ -74,6 +76,15 @@ def score_batch(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     if os.environ.get("ANNOUNCE_BATCHES"):
         print(f"BATCH {stage.batch_index}", flush=True)
     return out
+
+
+@pytest.fixture(autouse=True)
+def clean_pipeline() -> Iterator[None]:
+    """For test modules that import it: no calls recorded, no misbehaviour armed."""
+    CALLS.clear()
+    MISBEHAVE.clear()
+    yield
+    MISBEHAVE.clear()
 
 
 def make_scores(**overrides: Any) -> dg.AssetsDefinition:
