@@ -50,10 +50,12 @@ from longrun_dagster.ledger import Ledger, Plan
 from longrun_dagster.manifest import StoredObject
 from longrun_dagster.validation import (
     Report,
+    combined,
     empty_frame,
     empty_quarantine,
     no_cases,
     reject_all,
+    reject_rows,
     validate,
 )
 
@@ -206,7 +208,22 @@ class Outcome:
         return self.types.frame(self.output_tables)
 
 
-BatchFn = Callable[[pd.DataFrame, int], pd.DataFrame]
+@dataclass(frozen=True)
+class Answered:
+    """What a batch function may return instead of a frame: its output rows, and the input
+    rows it has no output for, each with its reason (an API answer that was not an
+    answer), which are quarantined after the output's own and count against the budget."""
+
+    output: pd.DataFrame
+    rejected: pd.DataFrame
+    reasons: list[dict[str, str]]
+    """Per rejected row: ``{"column", "check", "value"}`` (check: the reason)."""
+
+    def __len__(self) -> int:
+        return len(self.output) + len(self.rejected)
+
+
+BatchFn = Callable[[pd.DataFrame, int], "pd.DataFrame | Answered"]
 
 
 class BatchLoop:
@@ -331,19 +348,19 @@ class BatchLoop:
                 self._announce()
             else:
                 self._checking = self._worker.submit(self._complete, index, batch,
-                                                     _snapshot(out), counted)
+                                                     _snapshotted(out), counted)
             per_batch = max(per_batch, time.monotonic() - began)
         self._join()
         self._announce()
         if self.final_save:
             self._save_completed("finished")
 
-    def _call_model(self, index: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _call_model(self, index: int) -> tuple[pd.DataFrame, "pd.DataFrame | Answered"]:
         start = index * self.batch_size
         batch = self.frame.iloc[start:start + self.batch_size]
         self.model_calls += 1
         out = self.fn(batch, index)
-        if not isinstance(out, pd.DataFrame):
+        if not isinstance(out, pd.DataFrame | Answered):
             raise StageOutputError(
                 f"{self.name}: the model function returned {type(out).__qualname__} for "
                 f"batch {index}; it must return a pandas DataFrame of output rows"
@@ -364,7 +381,7 @@ class BatchLoop:
             self.log.info(f"{self.name}: {self.progress.describe()}")
             self._logged = time.monotonic()
 
-    def _complete(self, index: int, batch: pd.DataFrame, out: pd.DataFrame,
+    def _complete(self, index: int, batch: pd.DataFrame, out: "pd.DataFrame | Answered",
                   counted: dict[str, float] | None = None) -> None:
         """Validate and normalise batch ``index``'s output and add it: on the worker thread
         when pipelined (batches strictly in order, since row numbers count the output rows
@@ -375,9 +392,14 @@ class BatchLoop:
                                     "one output row per input row",
                                     f"{len(out)} rows returned for {len(batch)} inputs",
                                     first_row=self._rows_out)
+            elif isinstance(out, Answered):
+                report = combined(validate(out.output, self.schema, first_row=self._rows_out),
+                                  reject_rows(out.rejected, out.reasons,
+                                              first_row=self._rows_out + len(out.output)))
             else:
                 report = validate(out, self.schema, first_row=self._rows_out)
-            frames = self._added(index, report, out.index)
+            labels = out.output.index if isinstance(out, Answered) else out.index
+            frames = self._added(index, report, labels)
             digest = tables.digest(frames[VALID])
         except Exception as exc:
             exc.add_note(f"{self.name}: raised while validating the output of batch {index}")
@@ -579,6 +601,12 @@ def _no_failures() -> tuple[pyarrow.Table, pyarrow.Table]:
 def _encoder(tables: list[pyarrow.Table]) -> Callable[[], memoryview]:
     """Encode later, in the checkpoint writer thread (Arrow tables are immutable)."""
     return lambda: parquet.dumps_table(concat_tables(tables))
+
+
+def _snapshotted(out: "pd.DataFrame | Answered") -> "pd.DataFrame | Answered":
+    if isinstance(out, Answered):
+        return Answered(_snapshot(out.output), out.rejected, out.reasons)
+    return _snapshot(out)
 
 
 _IMMUTABLE = (str, bytes, int, float, bool, type(None), complex)

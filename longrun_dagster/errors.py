@@ -16,7 +16,10 @@
     │                                              (raised as a dagster.Failure subclass)
     ├── Preempted                                  SIGTERM: checkpointed and stopped
     ├── SegmentEnded                               time budget spent: checkpointed, resumable
-    └── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
+    ├── GpuMemoryExceeded                          VRAM over the hard threshold (retryable)
+    ├── ApiOutage                                  every request to an API failed for a while
+    └── CostLimitReached                           the partition's next requests would pass
+                                                   max_cost_usd (answers so far are kept)
 
 A stalled run raises nothing: its watchdog exits the process and the stalled-run sensor
 ends and relaunches the run (its failure says why).
@@ -143,3 +146,18 @@ class NewerFormat(StorageError):
 
 class GpuMemoryExceeded(LongrunError):
     """Device memory is over the hard threshold after cleanup; retry in a fresh process."""
+
+
+class ApiOutage(LongrunError):
+    """Every request of an API stage failed for ``outage_seconds``: the attempt ends (its
+    answers are kept) and a relaunch resumes it."""
+
+
+class CostLimitReached(LongrunError):
+    """An API stage's partition would pass its ``max_cost_usd`` with its next request: it
+    stops before (its answers are kept) and resumes when the limit is raised."""
+
+    def __init__(self, message: str, *, spent_usd: float, limit_usd: float) -> None:
+        super().__init__(message)
+        self.spent_usd = spent_usd
+        self.limit_usd = limit_usd

@@ -167,19 +167,85 @@ class StageOptions(dg.Model):
         return dg.BackfillPolicy.multi_run(self.max_partitions_per_run)
 
 
+class ApiOptions(dg.Model):
+    """The options an API stage adds to ``StageOptions`` (``api_stage``); field order is
+    the README's table order."""
+
+    model: Annotated[str, about(
+        "The model the endpoint serves, sent with every request; part of the fingerprint "
+        "and of each request's key.")]
+    kind: Annotated[str, about(
+        "chat (/v1/chat/completions) or embeddings (/v1/embeddings).")] = "chat"
+    params: Annotated[dict[str, Any], about(
+        "Sampling parameters added to every request body (temperature, max_tokens, ...); "
+        "part of the fingerprint.")] = Field(default_factory=dict)
+    max_in_flight: Annotated[int, about(
+        "Requests open at once, over the whole partition (no barrier per batch).")] = 32
+    max_retries: Annotated[int, about(
+        "Retries of one request after its first try (429, 408, 409, 5xx, timeouts, dropped "
+        "connections; never 400 or 422). Spent: the row is quarantined as "
+        "retries_exhausted.")] = 6
+    retry_base_seconds: Annotated[float, about(
+        "First backoff; doubles per retry (up to 30 s), with jitter, never shorter than "
+        "the server's Retry-After.")] = 0.5
+    outage_seconds: Annotated[float, about(
+        "When every request has failed for this long, the attempt ends (ApiOutage) instead "
+        "of quarantining rows; a relaunch resumes.")] = 120.0
+    price_per_million_tokens: Annotated[dict[str, float] | None, about(
+        "US dollars per million tokens, {prompt: 0.15, completion: 0.6}: the "
+        "materialization gets counts/cost_usd.")] = None
+    max_cost_usd: Annotated[float | None, about(
+        "A partition stops before its answers would cost more (CostLimitReached); raise "
+        "it and rerun to resume. Needs price_per_million_tokens.")] = None
+    endpoint_key: Annotated[str, about(
+        "Resource key of the ApiEndpoint (base URL, API key variable, shared rate "
+        "limits).")] = "llm"
+
+    @classmethod
+    def checked(cls, values: dict[str, Any], problem: Problem) -> "ApiOptions":
+        try:
+            options = cls(**values)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            option = ".".join(str(part) for part in first["loc"]) or "options"
+            raise problem(option, first.get("input"), first["msg"].lower()) from None
+        prices = options.price_per_million_tokens
+        rules: list[tuple[str, bool, str]] = [
+            ("model", bool(options.model.strip()), "the model's name, e.g. "
+             "meta-llama/Llama-3.1-70B-Instruct"),
+            ("kind", options.kind in ("chat", "embeddings"), "chat or embeddings"),
+            ("max_in_flight", options.max_in_flight >= 1, "at least 1, e.g. 32"),
+            ("max_retries", options.max_retries >= 0, "0 or more"),
+            ("retry_base_seconds", options.retry_base_seconds > 0, "positive seconds"),
+            ("outage_seconds", options.outage_seconds > 0, "positive seconds, e.g. 120"),
+            ("price_per_million_tokens", prices is None or (
+                set(prices) == {"prompt", "completion"} and min(prices.values()) >= 0),
+             "{prompt: <USD>, completion: <USD>} per million tokens"),
+            ("max_cost_usd", options.max_cost_usd is None or (
+                options.max_cost_usd > 0 and prices is not None),
+             "positive, with price_per_million_tokens set"),
+        ]
+        for option, ok, fix in rules:
+            if not ok:
+                raise problem(option, getattr(options, option), f"it must be {fix}")
+        return options
+
+
 def description(name: str) -> str:
     """The ``about`` text of option ``name``."""
-    for meta in StageOptions.model_fields[name].metadata:
+    fields = {**StageOptions.model_fields, **ApiOptions.model_fields}
+    for meta in fields[name].metadata:
         if isinstance(meta, dg.Resolver) and meta.description:
             return str(meta.description)
     raise KeyError(name)
 
 
-def reference_table() -> str:
-    """The README's options table (Markdown)."""
+def reference_table(model: type[dg.Model] = StageOptions) -> str:
+    """The README's options table of ``model`` (Markdown)."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
-    for name, field in StageOptions.model_fields.items():
+    for name, field in model.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        shown = "unset" if default is None else f"`{default!r}`".replace("'", '"')
+        shown = ("required" if field.is_required() else "unset" if default is None
+                 else f"`{default!r}`".replace("'", '"'))
         rows.append(f"| `{name}` | {shown} | {description(name)} |")
     return "\n".join(rows)

@@ -6,6 +6,7 @@ This module is the thin Dagster shell; the loop itself is ``batches.BatchLoop``.
 annotations at definition time.)
 """
 
+import contextlib
 import inspect
 import math
 import time
@@ -223,7 +224,14 @@ def model_stage(
     and the fix, where the stage is declared.
     """
     given = locals()
-    where = f"model_stage {name!r}" if name else "model_stage"
+    return declare(given, where=f"model_stage {name!r}" if name else "model_stage")
+
+
+def declare(given: Mapping[str, Any], *, where: str,
+            extra_resource_keys: Iterable[str] = ()) -> Callable[[ModelFn], dg.AssetsDefinition]:
+    """The decorator ``model_stage`` (and ``api_stage``) return, from their arguments
+    (``given``: every ``StageOptions`` field and the Python-object arguments), checked once.
+    ``extra_resource_keys``: resources the stage needs that are not in its fingerprint."""
 
     def problem(option: str, value: Any, fix: str) -> ConfigError:
         return ConfigError(f"{where}: {option} = {value!r} is wrong: {fix}")
@@ -231,19 +239,23 @@ def model_stage(
     options = StageOptions.checked(  # None: the option's default
         {k: _plain(given[k]) for k in StageOptions.model_fields if given[k] is not None},
         problem)
+    backfill_policy = given["backfill_policy"]
     if backfill_policy is not None and options.max_partitions_per_run is not None:
         raise problem("max_partitions_per_run", options.max_partitions_per_run,
                       "give it or backfill_policy, not both")
-    checked_schema = _checked_schema(schema, where)
-    upstreams = upstream_rows.named(upstream, where)
+    checked_schema = _checked_schema(given["schema"], where)
+    upstreams = upstream_rows.named(given["upstream"], where)
     if options.join_on is not None and len(upstreams) < 2:
         raise problem("join_on", options.join_on, "it joins several upstreams; with one "
                       "upstream leave it unset")
     return _decorator(options, upstreams=upstreams, schema=checked_schema,
-                      partitions_def=partitions_def, partition_mapping=partition_mapping,
-                      setup=setup, name=name, retry_policy=retry_policy,
+                      partitions_def=given["partitions_def"],
+                      partition_mapping=given["partition_mapping"],
+                      setup=given["setup"], name=given["name"],
+                      retry_policy=given["retry_policy"],
                       backfill_policy=backfill_policy or options.backfill_policy(),
-                      automation_condition=automation_condition)
+                      automation_condition=given["automation_condition"],
+                      extra_resource_keys=list(extra_resource_keys))
 
 
 def _plain(value: Any) -> Any:
@@ -267,7 +279,8 @@ def _decorator(options: StageOptions, *, upstreams: Mapping[str, dg.AssetKey], s
                partition_mapping: dg.PartitionMapping | None, setup: SetupFn | None,
                name: str | None, retry_policy: dg.RetryPolicy | None,
                backfill_policy: dg.BackfillPolicy | None,
-               automation_condition: dg.AutomationCondition[Any] | None
+               automation_condition: dg.AutomationCondition[Any] | None,
+               extra_resource_keys: Sequence[str] = ()
                ) -> Callable[[ModelFn], dg.AssetsDefinition]:
     o = options
     cadence = Cadence(o.checkpoint_every_batches, o.checkpoint_every_seconds,
@@ -299,7 +312,7 @@ def _decorator(options: StageOptions, *, upstreams: Mapping[str, dg.AssetKey], s
             deps=[dg.AssetDep(k, partition_mapping=partition_mapping)
                   for k in upstreams.values()],
             required_resource_keys={o.io_manager_key, *o.required_resource_keys,
-                                    *o.hook_resource_keys},
+                                    *o.hook_resource_keys, *extra_resource_keys},
             io_manager_key=o.io_manager_key, code_version=code_version, pool=o.pool,
             group_name=o.group_name, retry_policy=retry_policy, backfill_policy=backfill_policy,
             automation_condition=automation_condition, owners=o.owners or None,
@@ -519,8 +532,10 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
     _tag_stage_run(context, spec)
     frame, unjoined = upstream_rows.read(spec.name, partitions, inputs, spec.join_on)
     ckpt = attempt.checkpointer(key=spec.checkpoint_key(inputs, resources), log=context.log)
-    outcome = _run_loop(spec, fn, stage, frame, ckpt, model, context, attempt.still_holds,
-                        claimed.claim.generation, abort=commits.raise_failed)
+    with _partition_work(fn, frame, stage, attempt) as work:
+        outcome = _run_loop(spec, work, stage, frame, ckpt, model, context,
+                            attempt.still_holds, claimed.claim.generation,
+                            abort=commits.raise_failed)
     meta = _stage_metadata(outcome, time.monotonic() - started)
     if spec.join_on is not None:
         meta["rows_unjoined"] = unjoined
@@ -547,6 +562,17 @@ def _one_partition(spec: StageSpec, fn: ModelFn, context: dg.AssetExecutionConte
                           _dagster_metadata(meta), check)
 
     commits.submit(commit)
+
+
+def _partition_work(fn: ModelFn, frame: pd.DataFrame, stage: StageContext,
+                    attempt: PartitionAttempt) -> contextlib.AbstractContextManager[ModelFn]:
+    """What computes one partition's batches: ``fn`` itself, or what a stage's work object
+    opens for the partition (an API stage's window over all of its rows)."""
+    opener = getattr(fn, "open_partition", None)
+    if opener is None:
+        return contextlib.nullcontext(fn)
+    opened: contextlib.AbstractContextManager[ModelFn] = opener(frame, stage, attempt)
+    return opened
 
 
 class _Commits:

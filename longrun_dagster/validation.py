@@ -110,6 +110,29 @@ def reject_all(frame: pd.DataFrame, schema: pa.DataFrameSchema, column: str, che
     return Report(empty_frame(schema), _quarantine(frame, set(frame.index), cases), cases)
 
 
+def reject_rows(rows: pd.DataFrame, failures: list[dict[str, str]], *,
+                first_row: int = 0) -> Report:
+    """Quarantine each of ``rows`` for its own reason (an API answer that is not an answer:
+    ``failures[i]`` is row i's ``{"column", "check", "value"}``), numbering them from
+    ``first_row``."""
+    rows = _numbered(rows, first_row)
+    cases = pd.DataFrame({"column": [f["column"] for f in failures],
+                          "check": [f["check"] for f in failures],
+                          "failure_case": [f["value"] for f in failures],
+                          "index": list(rows.index)})
+    return Report(rows.iloc[0:0], _quarantine(rows, set(rows.index), cases), cases)
+
+
+def combined(report: Report, rejected: Report) -> Report:
+    """``report`` with ``rejected``'s quarantined rows and failure cases after its own."""
+    if not len(rejected.quarantined):
+        return report
+    frames = [f for f in (report.quarantined, rejected.quarantined) if len(f)]
+    cases = [f for f in (report.failure_cases, rejected.failure_cases) if len(f)]
+    return Report(report.valid, pd.concat(frames), pd.concat(cases, ignore_index=True),
+                  report.valid_rows)
+
+
 def empty_frame(schema: pa.DataFrameSchema) -> pd.DataFrame:
     """A frame of no rows with ``schema``'s columns and dtypes: what a frame with no valid
     rows contributes to an output. A column without a dtype gets ``object``, which says
