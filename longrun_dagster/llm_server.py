@@ -256,6 +256,7 @@ class LlmServer:
         with self._lock:
             self.state.log.append(entry)
         fault = "down" if faults.down else _fault(faults, u)
+        entry["fault"] = fault
         if faults.latency_seconds:
             rng = random.Random(u)
             await asyncio.sleep(faults.latency_seconds *

@@ -1,6 +1,13 @@
 """API stages (issue #27): a model behind an OpenAI-compatible endpoint, called through the
-official ``openai`` SDK against the test server on loopback."""
+official ``openai`` SDK against the test server on loopback (``llm_server``)."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +16,9 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from longrun_dagster import ConfigError, PartitionStore, open_store
+from longrun_dagster.api.answer import BadAnswer
+from longrun_dagster.api.journal import ANSWERS, FLUSH_SECONDS
 from longrun_dagster.llm_server import LlmServer, answer_of
 from tests.helpers import llm
 
@@ -19,19 +29,31 @@ def server() -> Iterator[LlmServer]:
         yield running
 
 
-def materialize(tmp_path: Path, server: LlmServer, asset: dg.AssetsDefinition | None = None,
+@pytest.fixture
+def base(tmp_path: Path, server: LlmServer) -> str:
+    """A store with the upstream committed."""
+    uri = (tmp_path / "lr").as_uri()
+    dg.materialize([llm.notes], partition_key=llm.DAY,
+                   resources=llm.resources(uri, server.base_url))
+    return uri
+
+
+def materialize(base: str, server: LlmServer, asset: dg.AssetsDefinition | None = None,
                 **endpoint: Any) -> dg.ExecuteInProcessResult:
-    return dg.materialize([llm.notes, asset or llm.extracted], partition_key=llm.DAY,
-                          resources=llm.resources((tmp_path / "lr").as_uri(), server.base_url,
-                                                  **endpoint),
-                          raise_on_error=False, selection=[(asset or llm.extracted).key])
+    asset = asset or llm.extracted
+    return dg.materialize([llm.notes, asset], partition_key=llm.DAY, selection=[asset.key],
+                          resources=llm.resources(base, server.base_url, **endpoint),
+                          raise_on_error=False)
 
 
-def committed(tmp_path: Path) -> pd.DataFrame:
-    from longrun_dagster import PartitionStore, open_store
-
-    store = PartitionStore(open_store((tmp_path / "lr").as_uri()))
+def committed(base: str) -> pd.DataFrame:
+    store = PartitionStore(open_store(base))
     return store.load_version(store.committed(["extracted"], llm.DAY))
+
+
+def quarantined(base: str) -> pd.DataFrame:
+    store = PartitionStore(open_store(base))
+    return store.load_version(store.committed(["extracted"], llm.DAY), "quarantine")
 
 
 def meta(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
@@ -39,24 +61,273 @@ def meta(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     return {k: v.value for k, v in mat.metadata.items()}
 
 
-def notes_frame() -> pd.DataFrame:
-    return dg.materialize([llm.notes], partition_key=llm.DAY).output_for_node("notes")
+def failure(result: dg.ExecuteInProcessResult) -> str:
+    [event] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return str(event.step_failure_data.error)
+
+
+def texts() -> list[str]:
+    frame = dg.materialize([llm.notes], partition_key=llm.DAY).output_for_node("notes")
+    return list(frame["text"])
+
+
+def answered(server: LlmServer) -> Counter[str]:
+    """How many times each row (by its text) got an answer."""
+    return Counter(r["text"] for r in server.requests() if r["status"] == 200)
 
 
 def test_every_row_is_answered_parsed_and_committed_in_input_order(
-        tmp_path: Path, server: LlmServer) -> None:
+        base: str, server: LlmServer) -> None:
     server.set_faults(latency_seconds=0.02, latency_jitter=0.9)
-    dg.materialize([llm.notes], partition_key=llm.DAY,
-                   resources=llm.resources((tmp_path / "lr").as_uri(), server.base_url))
-    result = materialize(tmp_path, server)
+    result = materialize(base, server)
     assert result.success
-    out = committed(tmp_path)
-    texts = notes_frame()
-    assert list(out["id"]) == list(texts["id"])
-    want = [answer_of(t) for t in texts["text"]]
-    assert list(out["summary"]) == [w["summary"] for w in want]
-    assert list(out["n_words"]) == [w["n_words"] for w in want]
+    out, rows = committed(base), texts()
+    assert list(out["id"]) == [f"{llm.DAY}-{i}" for i in range(llm.ROWS)]
+    assert list(out["summary"]) == [answer_of(t)["summary"] for t in rows]
+    assert list(out["n_words"]) == [answer_of(t)["n_words"] for t in rows]
     m = meta(result)
     assert m["counts/requests"] == llm.ROWS and m["rows_quarantined"] == 0
-    assert m["counts/prompt_tokens"] > 0 and m["counts/completion_tokens"] > 0
+    assert m["counts/retries"] == 0
+    assert m["counts/prompt_tokens"] == sum(r["nth"] == 0 for r in server.requests()) * 0 + \
+        sum(len(t.split()) + len("Answer in JSON.".split()) + 3 for t in rows)
     assert len(server.requests()) == llm.ROWS
+    again = materialize(base, server)  # committed: reused, nothing sent
+    assert again.success and meta(again)["reused"] is True
+    assert len(server.requests()) == llm.ROWS
+
+
+def test_chaos_every_row_is_committed_or_quarantined_with_its_reason_and_counts_are_exact(
+        base: str, server: LlmServer) -> None:
+    """5% 429 (with Retry-After), 2% 500, 1% malformed and 1% truncated answers."""
+    server.set_faults(rate_limited=0.05, retry_after_seconds=0.05, server_error=0.02,
+                      malformed=0.01, truncated=0.01, seed=7)
+    os.environ["LLM_ROWS"] = "120"
+    result = materialize(base, server)
+    assert result.success, failure(result)
+    log = server.requests()
+    last: dict[str, dict[str, Any]] = {}
+    for r in log:
+        last[r["text"]] = r  # each row's final try
+    want = Counter({"malformed": 0, "truncated": 0})
+    for r in last.values():
+        if r["fault"] in ("malformed", "truncated"):
+            want[r["fault"]] += 1
+    assert sum(r["fault"] in ("rate_limited", "server_error") for r in log) > 0
+    m = meta(result)
+    assert m["rows_out"] + m["rows_quarantined"] == llm.ROWS
+    assert m.get("counts/quarantined/malformed_json", 0) == want["malformed"]
+    assert m.get("counts/quarantined/truncated", 0) == want["truncated"]
+    assert m["rows_quarantined"] == want["malformed"] + want["truncated"]
+    assert m["counts/requests"] == len(log)
+    assert m["counts/retries"] == len(log) - llm.ROWS
+    q = quarantined(base)
+    reasons = Counter(f[0]["check"] for f in q["failures"].map(json.loads))
+    assert reasons == Counter({k: v for k, v in {"malformed_json": want["malformed"],
+                                                 "truncated": want["truncated"]}.items() if v})
+    good = {t for t, r in last.items() if r["fault"] is None}
+    assert len(committed(base)) == len(good)
+
+
+def test_a_bad_request_is_not_retried_and_its_row_is_quarantined_with_status_and_error(
+        base: str, server: LlmServer) -> None:
+    server.set_faults(bad_request=0.1, seed=3)
+    result = materialize(base, server)
+    assert result.success, failure(result)
+    log = server.requests()
+    bad = [r for r in log if r["fault"] == "bad_request"]
+    assert bad and all(n == 1 for n in Counter(r["text"] for r in log).values())
+    q = quarantined(base)
+    cases = [json.loads(f)[0] for f in q["failures"]]
+    assert {c["check"] for c in cases} == {"http_400"}
+    assert all("status 400" in c["value"] and "invalid" in c["value"] for c in cases)
+    assert len(q) == len(bad)
+
+
+def test_retry_after_is_honoured(base: str, server: LlmServer) -> None:
+    server.set_faults(rate_limited=0.3, retry_after_seconds=0.4, seed=5)
+    result = materialize(base, server)
+    assert result.success, failure(result)
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for r in server.requests():
+        by_row.setdefault(r["text"], []).append(r)
+    gaps = [b["started"] - a["ended"] for tries in by_row.values()
+            for a, b in zip(tries, tries[1:], strict=False) if a["status"] == 429]
+    assert gaps and min(gaps) >= 0.4 - 0.02
+
+
+def test_an_outage_ends_the_attempt_quarantines_nothing_and_a_relaunch_resumes(
+        base: str, server: LlmServer) -> None:
+    server.set_faults(down=True)
+    slow = llm.extracted_stage(outage_seconds=1.0, retry_base_seconds=0.2)
+    result = materialize(base, server, slow)
+    assert not result.success
+    assert "every request failed for 1s" in failure(result)
+    assert "run the partition again to resume" in failure(result)
+    server.set_faults(down=False)
+    again = materialize(base, server, slow)
+    assert again.success and meta(again)["rows_quarantined"] == 0
+    assert len(committed(base)) == llm.ROWS
+
+
+def test_a_request_given_up_while_others_are_answered_quarantines_its_row(
+        base: str, server: LlmServer) -> None:
+    server.set_faults(server_error=0.05, seed=11)
+    stingy = llm.extracted_stage(max_retries=0)
+    result = materialize(base, server, stingy)
+    assert result.success, failure(result)
+    failed = {r["text"] for r in server.requests() if r["status"] == 500}
+    q = quarantined(base)
+    cases = [json.loads(f)[0] for f in q["failures"]]
+    assert {c["check"] for c in cases} == {"retries_exhausted"} and len(q) == len(failed)
+    assert meta(result)["counts/quarantined/retries_exhausted"] == len(failed)
+
+
+def test_kill_9_mid_partition_then_resume_asks_no_answered_row_again(
+        base: str, server: LlmServer, tmp_path: Path) -> None:
+    """Answers are kept as they arrive: after a kill -9 the relaunch sends only requests
+    that were never answered, plus those answered in the last instant before the kill
+    (not yet written: at most one flush interval's)."""
+    server.set_faults(latency_seconds=0.05)
+    env = {**os.environ, "LLM_ROWS": str(llm.ROWS), "PYTHONPATH": os.getcwd(),
+           "API_OPTIONS": '{"max_in_flight": 4}'}
+    child = subprocess.Popen([sys.executable, "-m", "tests.helpers.llm", base,
+                              server.base_url], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(answered(server)) < llm.ROWS // 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    killed_at = time.time()
+    child.wait()
+    first = server.requests()
+    assert 0 < len(answered(server)) < llm.ROWS
+    result = materialize(base, server)
+    assert result.success, failure(result)
+    again = server.requests()[len(first):]
+    before = {r["text"]: r["ended"] for r in first if r["status"] == 200}
+    twice = [r["text"] for r in again if r["text"] in before]
+    late = [t for t in twice if before[t] < killed_at - FLUSH_SECONDS - 0.5]
+    assert late == [], f"rows answered well before the kill were asked again: {late}"
+    assert len(twice) <= 4 + sum(1 for t in before.values()
+                                 if t >= killed_at - FLUSH_SECONDS - 0.5)
+    assert len(committed(base)) == llm.ROWS
+    assert list(committed(base)["id"]) == [f"{llm.DAY}-{i}" for i in range(llm.ROWS)]
+
+
+def test_answers_are_reused_when_parse_changes(base: str, server: LlmServer) -> None:
+    """A changed parse (another fingerprint) recomputes the partition, but the answers are
+    the same requests': nothing is sent again."""
+    assert materialize(base, server).success
+    sent = len(server.requests())
+
+    def parse_upper(answer: Any, row: dict[str, Any], stage: Any) -> dict[str, Any]:
+        return {**llm.parse(answer, row, stage), "summary": answer.parsed.summary.upper()}
+
+    changed = llm.api_stage(upstream=llm.notes, schema=llm.Extracted, model="longrun-tiny",
+                            parse=parse_upper, response_model=llm.Extraction,
+                            partitions_def=llm.DAYS, name="extracted",
+                            **llm.options())(llm.ask)
+    result = materialize(base, server, changed)
+    assert result.success and meta(result).get("reused") is not True
+    assert len(server.requests()) == sent
+    assert committed(base)["summary"].str.isupper().all()
+
+
+def test_a_damaged_answers_object_is_skipped_and_only_its_requests_are_sent_again(
+        base: str, server: LlmServer, tmp_path: Path) -> None:
+    def refuse(answer: Any, row: dict[str, Any], stage: Any) -> dict[str, Any]:
+        raise BadAnswer("refused", "this parse refuses every answer")
+
+    refusing = llm.api_stage(upstream=llm.notes, schema=llm.Extracted, model="longrun-tiny",
+                             parse=refuse, response_model=llm.Extraction,
+                             partitions_def=llm.DAYS, name="extracted",
+                             **{**llm.options(), "max_bad_fraction": 0.0})(llm.ask)
+    assert not materialize(base, server, refusing).success  # over budget: not committed
+    sent = len(server.requests())
+    assert sent == llm.ROWS
+    folder = next((tmp_path / "lr").rglob(ANSWERS.rstrip("/")))
+    damaged = sorted(folder.iterdir())[0]
+    data = bytearray(damaged.read_bytes())
+    lines = data.count(b"\n")
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    result = materialize(base, server)  # another parse: recomputed from the answers kept
+    assert result.success
+    assert len(server.requests()) - sent == lines
+    assert len(committed(base)) == llm.ROWS
+
+
+def test_cost_limit_stops_before_it_is_passed_and_raising_it_resumes(
+        base: str, server: LlmServer) -> None:
+    prices = {"prompt": 1000.0, "completion": 2000.0}  # $ per million tokens
+    capped = llm.extracted_stage(price_per_million_tokens=prices, max_cost_usd=0.5,
+                                 params={"max_tokens": 16})
+    result = materialize(base, server, capped)
+    assert not result.success
+    message = failure(result)
+    assert "would pass max_cost_usd = 0.5" in message and "raise max_cost_usd" in message
+    first = answered(server)
+    assert 0 < len(first) < llm.ROWS
+    raised = llm.extracted_stage(price_per_million_tokens=prices, max_cost_usd=100.0,
+                                 params={"max_tokens": 16})
+    result = materialize(base, server, raised)
+    assert result.success, failure(result)
+    assert max(answered(server).values()) == 1
+    m = meta(result)
+    assert 0.4 < m["counts/cost_usd"] < 100.0
+    assert m["counts/cost_usd"] == pytest.approx(
+        (m["counts/prompt_tokens"] * 1000 + m["counts/completion_tokens"] * 2000) / 1e6)
+
+
+def test_embeddings(base: str, server: LlmServer) -> None:
+    import numpy as np
+    import pandera.pandas as pa
+
+    from longrun_dagster.api.stage import api_stage
+    from longrun_dagster.llm_server import embedding_of
+
+    schema = pa.DataFrameSchema({"id": pa.Column(str), "embedding": pa.Column(object)})
+
+    def embed_request(row: dict[str, Any], stage: Any) -> str:
+        return str(row["text"])
+
+    def embed_parse(answer: Any, row: dict[str, Any], stage: Any) -> dict[str, Any]:
+        return {"id": row["id"], "embedding": np.asarray(answer.embedding, dtype="float32")}
+
+    vectors = api_stage(upstream=llm.notes, schema=schema, model="tiny-embed",
+                        kind="embeddings", parse=embed_parse, partitions_def=llm.DAYS,
+                        name="extracted", batch_size=16, params={"dimensions": 4})(
+        embed_request)
+    result = materialize(base, server, vectors)
+    assert result.success
+    out = committed(base)
+    assert [list(v) for v in out["embedding"][:3]] == [
+        list(np.asarray(embedding_of(t, 4), dtype="float32")) for t in texts()[:3]]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"kind": "images"}, "kind = 'images' is wrong: it must be chat or embeddings"),
+    ({"max_cost_usd": 5.0}, "with price_per_million_tokens set"),
+    ({"max_in_flight": 0}, "max_in_flight = 0 is wrong"),
+    ({"batchsize": 3}, "'batchsize' is not an option of an API stage"),
+    ({"price_per_million_tokens": {"input": 1.0}}, "{prompt: <USD>, completion: <USD>}"),
+])
+def test_wrong_options_are_refused_where_the_stage_is_declared(change: dict[str, Any],
+                                                               words: str) -> None:
+    with pytest.raises(ConfigError, match="api_stage 'extracted'") as caught:
+        llm.extracted_stage(**change)
+    assert words in str(caught.value)
+
+
+def test_a_missing_api_key_names_the_variable(base: str, server: LlmServer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LONGRUN_TEST_KEY", raising=False)
+    result = dg.materialize(
+        [llm.notes, llm.extracted], partition_key=llm.DAY, selection=[llm.extracted.key],
+        resources={**llm.resources(base, server.base_url),
+                   "llm": llm.ApiEndpoint(base_url="https://api.example.com/v1",
+                                          api_key_env="LONGRUN_TEST_KEY")},
+        raise_on_error=False)
+    assert not result.success
+    assert "LONGRUN_TEST_KEY is not set" in failure(result)
+    assert server.requests() == []

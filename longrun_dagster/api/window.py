@@ -92,6 +92,7 @@ class Window:
         self._thread: threading.Thread | None = None
         self._stopping = False  # no new request (an error stopped the window, or close)
         self._closing = False  # abandon the requests in flight too
+        self._drained = False  # the loop has ended: no request is in flight
         self._wake: asyncio.Event | None = None
 
     # -- the stage's side --------------------------------------------------------------
@@ -123,8 +124,8 @@ class Window:
             self._taken = max(self._taken, position + 1)
             self._poke()
             while key not in self._results:
-                if self._error is not None:
-                    raise self._error
+                if self._error is not None and self._drained:
+                    raise self._error  # once the requests in flight came back and are kept
                 self._cv.wait(0.5)
             return self._results[key]
 
@@ -160,7 +161,7 @@ class Window:
             while not self._stopping and (self._active >= self._window.open or
                                           self.first + offset >= self._taken + self.lookahead):
                 await self._sleep_until_woken()
-            if self._stopping or not self._affordable(request):
+            if self._stopping or not await self._affordable(request):
                 break
             self._active += 1
             self._reserve(request)
@@ -172,6 +173,9 @@ class Window:
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        with self._cv:
+            self._drained = True
+            self._cv.notify_all()
 
     async def _sleep_until_woken(self) -> None:
         assert self._wake is not None
@@ -184,7 +188,8 @@ class Window:
     async def _one(self, request: Request) -> None:
         tries, first_failure = 0, None
         try:
-            while not self._stopping:
+            while not self._closing and not (tries and self._stopping):  # no retry once
+                # an error stopped the window; a request it admitted is still sent
                 delay = self._not_before - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -254,11 +259,17 @@ class Window:
         for one in parked:
             self._resolve(one)
 
-    def _affordable(self, request: Request) -> bool:
+    async def _affordable(self, request: Request) -> bool:
+        """Whether the request fits in ``max_cost_usd``, with those in flight at their
+        estimates: while some are in flight, wait for their real cost before deciding."""
         if self.max_cost_usd is None or self.prices is None:
             return True
         estimate = self.prices.estimate(request.tokens)
-        if self._spent + self._reserved + estimate <= self.max_cost_usd:
+        while self._spent + self._reserved + estimate > self.max_cost_usd:
+            if self._active == 0 or self._closing:
+                break
+            await self._sleep_until_woken()
+        else:
             return True
         self._stop(CostLimitReached(
             f"{self.where}: its answers so far cost ${self._spent:.4f} (and ${self._reserved:.4f} "

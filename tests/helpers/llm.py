@@ -84,3 +84,19 @@ extracted = extracted_stage()
 defs = dg.Definitions(assets=[notes, extracted],
                       resources=resources(os.environ.get("LLM_STORE", "file:///tmp/lr-llm"))
                       if os.environ.get("LLM_BASE_URL") else {})
+
+
+def main() -> int:
+    """``python -m tests.helpers.llm <base_uri> <server url>``: materialize ``extracted``
+    for DAY in this process (the upstream committed already); last line RESULT ..."""
+    import sys
+
+    base_uri, url = sys.argv[1], sys.argv[2]
+    result = dg.materialize([notes, extracted], selection=[extracted], partition_key=DAY,
+                            raise_on_error=False, resources=resources(base_uri, url))
+    print("RESULT", "SUCCESS" if result.success else "FAILED", flush=True)
+    return 0 if result.success else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
