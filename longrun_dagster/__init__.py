@@ -11,6 +11,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.3.0"
 
 _EXPORTS = {
+    "Answer": "longrun_dagster.api.answer",
+    "ApiEndpoint": "longrun_dagster.api.stage",
+    "ApiOutage": "longrun_dagster.errors",
+    "BadAnswer": "longrun_dagster.api.answer",
+    "CostLimitReached": "longrun_dagster.errors",
+    "api_stage": "longrun_dagster.api.stage",
     "AtomicObjectStoreIOManager": "longrun_dagster.io_manager",
     "Checkpointer": "longrun_dagster.checkpoint",
     "Claimed": "longrun_dagster.attempt",
@@ -56,6 +62,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from longrun_dagster.api.answer import Answer as Answer
+    from longrun_dagster.api.answer import BadAnswer as BadAnswer
+    from longrun_dagster.api.stage import ApiEndpoint as ApiEndpoint
+    from longrun_dagster.api.stage import api_stage as api_stage
     from longrun_dagster.attempt import Claimed as Claimed
     from longrun_dagster.attempt import Committed as Committed
     from longrun_dagster.attempt import PartitionAttempt as PartitionAttempt
@@ -64,9 +74,11 @@ if TYPE_CHECKING:
     from longrun_dagster.commit import Manifest as Manifest
     from longrun_dagster.commit import PartitionStore as PartitionStore
     from longrun_dagster.components import ModelStageComponent as ModelStageComponent
+    from longrun_dagster.errors import ApiOutage as ApiOutage
     from longrun_dagster.errors import CommitConflict as CommitConflict
     from longrun_dagster.errors import ConfigError as ConfigError
     from longrun_dagster.errors import CorruptObject as CorruptObject
+    from longrun_dagster.errors import CostLimitReached as CostLimitReached
     from longrun_dagster.errors import GpuMemoryExceeded as GpuMemoryExceeded
     from longrun_dagster.errors import IncompleteCommit as IncompleteCommit
     from longrun_dagster.errors import LeaseLost as LeaseLost

@@ -12,13 +12,12 @@ import hashlib
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from longrun_dagster.errors import ConfigError
-
-_POLL_SECONDS = 0.02
 
 
 def default_url() -> str:
@@ -37,10 +36,13 @@ class SharedLimit:
     url: str
     endpoint: str
     """Names the buckets: every stage calling the same endpoint shares them."""
+    period_seconds: int = 60
+    """The limits are per this many seconds (a minute; tests use less)."""
 
     def __post_init__(self) -> None:
         from pyrate_limiter import Duration, Limiter, Rate
 
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="longrun-rate-limit")
         name = "lr_" + hashlib.sha256(self.endpoint.encode()).hexdigest()[:12]
         self._limiters: list[tuple[Any, int]] = []  # (limiter, tokens per unit; 0: requests)
         self.token_unit = max(1, math.ceil((self.tokens_per_minute or 0) / 10_000))
@@ -48,7 +50,8 @@ class SharedLimit:
                                          ("t", self.tokens_per_minute, self.token_unit)):
             if per_minute:
                 units = per_minute if unit == 0 else max(1, per_minute // unit)
-                bucket = _bucket(self.url, f"{name}_{suffix}", [Rate(units, Duration.MINUTE)])
+                rate = Rate(units, Duration.SECOND * self.period_seconds)
+                bucket = _bucket(self.url, f"{name}_{suffix}", [rate])
                 self._limiters.append((Limiter(bucket), unit))
 
     @property
@@ -56,12 +59,19 @@ class SharedLimit:
         return bool(self._limiters)
 
     async def acquire(self, tokens: int) -> None:
+        # blocking acquires, one at a time in a thread of their own (first come, first
+        # served): pyrate-limiter's non-blocking path cannot take its file lock under
+        # filelock 4 (it passes False as the timeout)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._acquire, tokens)
+
+    def _acquire(self, tokens: int) -> None:
         for limiter, unit in self._limiters:
             weight = 1 if unit == 0 else max(1, math.ceil(tokens / unit))
-            while not limiter.try_acquire("request", weight=weight, blocking=False):
-                await asyncio.sleep(_POLL_SECONDS)
+            limiter.try_acquire("request", weight=weight)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for limiter, _ in self._limiters:
             limiter.close()
 

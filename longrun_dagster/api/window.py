@@ -109,6 +109,8 @@ class Window:
             finally:
                 if self.aclose is not None:
                     self._loop.run_until_complete(self.aclose())
+                if self.limit is not None:
+                    self.limit.close()
                 self._loop.run_until_complete(self._loop.shutdown_asyncgens())
                 self._loop.close()
 
