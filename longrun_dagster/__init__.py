@@ -14,6 +14,7 @@ _EXPORTS = {
     "Answer": "longrun_dagster.api.answer",
     "ApiEndpoint": "longrun_dagster.api.stage",
     "ApiOutage": "longrun_dagster.errors",
+    "ApiStageComponent": "longrun_dagster.components",
     "BadAnswer": "longrun_dagster.api.answer",
     "CostLimitReached": "longrun_dagster.errors",
     "api_stage": "longrun_dagster.api.stage",
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from longrun_dagster.checkpoint import Checkpointer as Checkpointer
     from longrun_dagster.commit import Manifest as Manifest
     from longrun_dagster.commit import PartitionStore as PartitionStore
+    from longrun_dagster.components import ApiStageComponent as ApiStageComponent
     from longrun_dagster.components import ModelStageComponent as ModelStageComponent
     from longrun_dagster.errors import ApiOutage as ApiOutage
     from longrun_dagster.errors import CommitConflict as CommitConflict

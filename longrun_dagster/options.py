@@ -171,9 +171,6 @@ class ApiOptions(dg.Model):
     """The options an API stage adds to ``StageOptions`` (``api_stage``); field order is
     the README's table order."""
 
-    model: Annotated[str, about(
-        "The model the endpoint serves, sent with every request; part of the fingerprint "
-        "and of each request's key.")]
     kind: Annotated[str, about(
         "chat (/v1/chat/completions) or embeddings (/v1/embeddings).")] = "chat"
     params: Annotated[dict[str, Any], about(
@@ -211,8 +208,6 @@ class ApiOptions(dg.Model):
             raise problem(option, first.get("input"), first["msg"].lower()) from None
         prices = options.price_per_million_tokens
         rules: list[tuple[str, bool, str]] = [
-            ("model", bool(options.model.strip()), "the model's name, e.g. "
-             "meta-llama/Llama-3.1-70B-Instruct"),
             ("kind", options.kind in ("chat", "embeddings"), "chat or embeddings"),
             ("max_in_flight", options.max_in_flight >= 1, "at least 1, e.g. 32"),
             ("max_retries", options.max_retries >= 0, "0 or more"),

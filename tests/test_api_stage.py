@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -331,3 +332,43 @@ def test_a_missing_api_key_names_the_variable(base: str, server: LlmServer,
     assert not result.success
     assert "LONGRUN_TEST_KEY is not set" in failure(result)
     assert server.requests() == []
+
+
+def test_a_yaml_api_stage_commits_like_the_decorator(base: str, server: LlmServer,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ApiStageComponent in a defs.yaml: the same asset, fingerprint and answers as the
+    decorator (switching reuses the committed partition)."""
+    project = tmp_path / "proj"
+    pkg = project / "src" / "apiproj" / "defs" / "stage"
+    pkg.mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        '[tool.dg]\ndirectory_type = "project"\n\n[tool.dg.project]\nroot_module = "apiproj"\n')
+    for folder in (project / "src" / "apiproj", project / "src" / "apiproj" / "defs"):
+        (folder / "__init__.py").write_text("")
+    (pkg.parent / "upstream.py").write_text("from tests.helpers.llm import notes as notes\n")
+    (pkg / "defs.yaml").write_text(textwrap.dedent("""\
+        type: longrun_dagster.components.ApiStageComponent
+        attributes:
+          name: extracted
+          model_name: longrun-tiny
+          request: tests.helpers.llm.ask
+          parse: tests.helpers.llm.parse
+          response_model: tests.helpers.llm.Extraction
+          upstream: notes
+          schema: tests.helpers.llm.Extracted
+          partitions: tests.helpers.llm.DAYS
+          batch_size: 16
+          max_in_flight: 8
+          retry_base_seconds: 0.05
+          max_bad_fraction: 0.2
+        """))
+    monkeypatch.syspath_prepend(str(project / "src"))
+    defs = dg.load_from_defs_folder(path_within_project=project)
+    [yaml_stage] = [a for a in defs.assets or [] if a.key == dg.AssetKey("extracted")]
+    first = materialize(base, server, yaml_stage)
+    assert first.success and len(server.requests()) == llm.ROWS
+    again = materialize(base, server)  # the decorator's stage: same fingerprint
+    assert meta(again)["reused"] is True and len(server.requests()) == llm.ROWS
+    for module in [m for m in sys.modules if m.startswith("apiproj")]:
+        del sys.modules[module]

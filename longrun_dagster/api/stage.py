@@ -340,7 +340,10 @@ def api_stage(
     def problem(option: str, value: Any, fix: str) -> ConfigError:
         return ConfigError(f"{where}: {option} = {value!r} is wrong: {fix}")
 
-    api = ApiOptions.checked({"model": model, **api_fields}, problem)
+    if not isinstance(model, str) or not model.strip():
+        raise problem("model", model, "the name of the model the endpoint serves, e.g. "
+                      "meta-llama/Llama-3.1-70B-Instruct")
+    api = ApiOptions.checked(api_fields, problem)
     if api.kind == EMBEDDINGS and response_model is not None:
         raise problem("response_model", response_model, "a chat stage's; embeddings have no "
                       "JSON answer")
@@ -352,12 +355,12 @@ def api_stage(
 
     def decorate(request: RequestFn) -> dg.AssetsDefinition:
         asset_name = name or request.__name__
-        identity = {"model": api.model, "kind": api.kind, "params": api.params,
+        identity = {"model": model, "kind": api.kind, "params": api.params,
                     "response_model": response_model.model_json_schema()
                     if response_model is not None else None}
         code = options.get("code_version") or fingerprint.code_identity(request, parse)[:16]
         work = ApiWork(
-            request, parse, model=api.model, kind=api.kind, params=api.params,
+            request, parse, model=model, kind=api.kind, params=api.params,
             response_model=response_model, batch_size=options.get("batch_size") or 256,
             max_in_flight=api.max_in_flight,
             policy=RetryPolicy(api.max_retries, api.retry_base_seconds,
