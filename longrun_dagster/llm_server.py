@@ -52,8 +52,8 @@ class Faults:
     """Every request fails with 503 (an outage)."""
     batch_seconds: float = 0.5
     """How long a provider batch takes to complete."""
-    batch_expires: bool = False
-    """A batch expires with about half its requests answered."""
+    batch_expires: int = 0
+    """The next this many batches expire with about half their requests answered."""
     seed: int = 0
 
 
@@ -166,10 +166,17 @@ class LlmServer:
                 setattr(self.state.faults, name, value)
 
     def requests(self, path: str = "/v1/chat/completions") -> list[dict[str, Any]]:
-        """The requests to ``path`` so far: ``key`` (the body's digest), ``status``,
-        ``text`` (the last user message or the input), ``started``/``ended``."""
+        """The requests to ``path`` so far (not those of provider batches): ``key`` (the
+        body's digest), ``status``, ``fault``, ``text`` (the last user message or the
+        input), ``started``/``ended``."""
         with self._lock:
-            return [dict(r) for r in self.state.log if r["path"] == path]
+            return [dict(r) for r in self.state.log if r["path"] == path and
+                    not r.get("batch")]
+
+    def batch_requests(self) -> list[dict[str, Any]]:
+        """The requests provider batches held (``key``: the request's custom_id)."""
+        with self._lock:
+            return [dict(r) for r in self.state.log if r.get("batch")]
 
     def reset(self) -> None:
         with self._lock:
@@ -355,7 +362,9 @@ class LlmServer:
 
     def _finish_batch(self, batch: dict[str, Any]) -> None:
         lines = self.state.files[batch["input_file_id"]].decode().splitlines()
-        expires = self.state.faults.batch_expires
+        expires = self.state.faults.batch_expires > 0
+        if expires:
+            self.state.faults.batch_expires -= 1
         out, errors = [], []
         for i, line in enumerate(line for line in lines if line.strip()):
             item = json.loads(line)

@@ -197,6 +197,14 @@ class ApiOptions(dg.Model):
     endpoint_key: Annotated[str, about(
         "Resource key of the ApiEndpoint (base URL, API key variable, shared rate "
         "limits).")] = "llm"
+    mode: Annotated[str, about(
+        "stream (requests in flight) or batch: the partition's requests go as one provider "
+        "batch (/v1/files, /v1/batches; cheaper, slower); a relaunch reconnects to it.")] = (
+        "stream")
+    batch_poll_seconds: Annotated[float, about(
+        "How often a provider batch is polled (mode batch).")] = 30.0
+    batch_completion_window: Annotated[str, about(
+        "The provider batch's completion window (mode batch).")] = "24h"
 
     @classmethod
     def checked(cls, values: dict[str, Any], problem: Problem) -> "ApiOptions":
@@ -209,6 +217,8 @@ class ApiOptions(dg.Model):
         prices = options.price_per_million_tokens
         rules: list[tuple[str, bool, str]] = [
             ("kind", options.kind in ("chat", "embeddings"), "chat or embeddings"),
+            ("mode", options.mode in ("stream", "batch"), "stream or batch"),
+            ("batch_poll_seconds", options.batch_poll_seconds > 0, "positive seconds"),
             ("max_in_flight", options.max_in_flight >= 1, "at least 1, e.g. 32"),
             ("max_retries", options.max_retries >= 0, "0 or more"),
             ("retry_base_seconds", options.retry_base_seconds > 0, "positive seconds"),
@@ -219,6 +229,8 @@ class ApiOptions(dg.Model):
             ("max_cost_usd", options.max_cost_usd is None or (
                 options.max_cost_usd > 0 and prices is not None),
              "positive, with price_per_million_tokens set"),
+            ("max_cost_usd", options.max_cost_usd is None or options.mode == "stream",
+             "unset with mode batch (a provider batch is submitted whole)"),
         ]
         for option, ok, fix in rules:
             if not ok:

@@ -180,6 +180,12 @@ class Heartbeat(dg.ConfigurableResource):  # type: ignore[type-arg]
     def on_batch(self, run: StageRun) -> None:
         self._dog.progress(batches_done=run.progress.batches_done)
 
+    def on_wait(self, run: StageRun) -> None:
+        """Progress inside a batch (``stage.still_working()``): a provider batch the
+        server reports working on; the beat advances, its batch count does not."""
+        if self._dog is not None:
+            self._dog.progress(batches_done=run.progress.batches_done)
+
     def on_end(self, run: StageRun) -> dict[str, Any]:
         if self._dog is None:
             return {}

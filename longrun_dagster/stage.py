@@ -68,6 +68,14 @@ class StageContext:
     partition is actually computed."""
     batch_index: int = 0
     _counts: dict[str, float] = field(default_factory=dict, repr=False)
+    _progressing: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def still_working(self) -> None:
+        """Tell the heartbeat that a long wait inside one batch is making progress (a
+        provider batch the server reports in progress, a remote job's advancing counter),
+        so the watchdog and the stalled-run sensor do not take it for a hang. Call it only
+        on evidence of progress: a hung wait must still read as stalled."""
+        self._progressing()
 
     def count(self, name: str, n: float = 1) -> None:
         """Add ``n`` to counter ``name`` (tokens, retries, HTTP errors) for this batch.
@@ -661,6 +669,12 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
     def setup() -> None:
         model.load_into(stage)
 
+    def progressing() -> None:
+        for hook in hooks:
+            waiting = getattr(hook, "on_wait", None)
+            if waiting is not None:
+                waiting(loop.run_info)
+
     loop = BatchLoop(batch_fn, frame, batch_size=spec.batch_size, schema=spec.schema,
                      checkpointer=ckpt, cadence=spec.cadence, hooks=hooks,
                      name=f"{spec.name}[{stage.partition_key}]", log=context.log,
@@ -671,6 +685,7 @@ def _run_loop(spec: StageSpec, fn: ModelFn, stage: StageContext, frame: pd.DataF
                      counts=stage._take_counts,  # noqa: SLF001
                      final_save=False,  # the commit writes the last batches itself
                      abort=abort)
+    stage._progressing = progressing  # noqa: SLF001
     try:
         return loop.run()
     except GpuMemoryExceeded as exc:

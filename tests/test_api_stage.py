@@ -372,3 +372,62 @@ def test_a_yaml_api_stage_commits_like_the_decorator(base: str, server: LlmServe
     assert meta(again)["reused"] is True and len(server.requests()) == llm.ROWS
     for module in [m for m in sys.modules if m.startswith("apiproj")]:
         del sys.modules[module]
+
+
+def batch_log(server: LlmServer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The batches created and the requests their input files held."""
+    return server.requests("/v1/batches"), server.batch_requests()
+
+
+def test_batch_mode_submits_one_provider_batch_and_commits_its_answers(
+        base: str, server: LlmServer) -> None:
+    server.set_faults(batch_seconds=0.3, malformed=0.05, seed=2)
+    batched = llm.extracted_stage(mode="batch", batch_poll_seconds=0.1)
+    result = materialize(base, server, batched)
+    assert result.success, failure(result)
+    created, inputs = batch_log(server)
+    assert len(created) == 1 and len(inputs) == llm.ROWS
+    assert server.requests() == []  # nothing went through /v1/chat/completions
+    m = meta(result)
+    assert m["rows_out"] + m["rows_quarantined"] == llm.ROWS
+    assert m.get("counts/quarantined/malformed_json", 0) == m["rows_quarantined"] > 0
+    assert list(committed(base)["id"])[:3] == [f"{llm.DAY}-{i}" for i in range(3)]
+
+
+def test_an_expired_batch_resubmits_only_its_unanswered_rows(base: str,
+                                                             server: LlmServer) -> None:
+    server.set_faults(batch_seconds=0.2, batch_expires=1)
+    batched = llm.extracted_stage(mode="batch", batch_poll_seconds=0.1)
+    result = materialize(base, server, batched)
+    assert result.success, failure(result)
+    created, inputs = batch_log(server)
+    assert len(created) == 2
+    assert Counter(r["key"] for r in inputs).most_common(1)[0][1] == 1  # none asked twice
+    assert len(inputs) == llm.ROWS and len(committed(base)) == llm.ROWS
+
+
+def test_batch_mode_survives_a_kill_between_submit_and_completion_without_a_second_batch(
+        base: str, server: LlmServer) -> None:
+    """kill -9 while the provider batch runs; the relaunch polls the same batch. The
+    wait keeps the heartbeat going: a watchdog with a 2 s stall timeout lets an 8 s batch
+    finish."""
+    server.set_faults(batch_seconds=8.0)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "LLM_HEARTBEAT": "2",
+           "API_OPTIONS": '{"mode": "batch", "batch_poll_seconds": 0.2}'}
+    child = subprocess.Popen([sys.executable, "-m", "tests.helpers.llm", base,
+                              server.base_url], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not server.requests("/v1/batches") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert len(server.requests("/v1/batches")) == 1
+    relaunch = subprocess.run([sys.executable, "-m", "tests.helpers.llm", base,
+                               server.base_url], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert "RESULT SUCCESS" in relaunch.stdout, relaunch.stdout[-3000:] + relaunch.stderr[-3000:]
+    assert "reconnecting to provider batch" in relaunch.stderr
+    assert len(server.requests("/v1/batches")) == 1  # no second submission
+    assert len(committed(base)) == llm.ROWS

@@ -33,7 +33,8 @@ from longrun_dagster.api.answer import (
 from longrun_dagster.api.journal import Journal, Record
 from longrun_dagster.api.limits import SharedLimit, default_url
 from longrun_dagster.api.policy import RetryPolicy
-from longrun_dagster.api.window import Prices, Request, Window, estimate_tokens
+from longrun_dagster.api.provider_batch import ProviderBatch
+from longrun_dagster.api.window import Answers, Prices, Request, Window, estimate_tokens
 from longrun_dagster.batches import Answered
 from longrun_dagster.errors import ConfigError
 from longrun_dagster.options import ApiOptions, StageOptions
@@ -89,6 +90,13 @@ class ApiEndpoint(dg.ConfigurableResource):  # type: ignore[type-arg]
         return openai.AsyncOpenAI(base_url=self.url(), api_key=self.api_key(), max_retries=0,
                                   timeout=self.timeout_seconds)
 
+    def sync_client(self) -> Any:
+        """A client for provider batches (a few calls, with the SDK's own retries)."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url(), api_key=self.api_key(), max_retries=5,
+                             timeout=self.timeout_seconds)
+
     def shared_limit(self, model: str) -> SharedLimit | None:
         if not self.requests_per_minute and not self.tokens_per_minute:
             return None
@@ -115,13 +123,17 @@ class ApiWork:
                  params: Mapping[str, Any], response_model: type[pydantic.BaseModel] | None,
                  batch_size: int, max_in_flight: int, policy: RetryPolicy,
                  prices: Prices | None, max_cost_usd: float | None, endpoint_key: str,
-                 name: str, schema: Any) -> None:
+                 name: str, schema: Any, mode: str = "stream",
+                 batch_poll_seconds: float = 30.0,
+                 batch_completion_window: str = "24h") -> None:
         self.request, self.parse = request, parse or default_parse
         self.model, self.kind, self.params = model, kind, dict(params)
         self.response_model, self.batch_size = response_model, batch_size
         self.max_in_flight, self.policy, self.prices = max_in_flight, policy, prices
         self.max_cost_usd, self.endpoint_key, self.name = max_cost_usd, endpoint_key, name
-        self.schema = schema
+        self.schema, self.mode = schema, mode
+        self.batch_poll_seconds = batch_poll_seconds
+        self.batch_completion_window = batch_completion_window
 
     def body(self, row: dict[str, Any], stage: StageContext) -> dict[str, Any]:
         """Row ``row``'s request body, with the model and the stage's sampling params."""
@@ -164,7 +176,7 @@ class _Partition:
     def __init__(self, work: ApiWork, frame: pd.DataFrame, stage: StageContext,
                  attempt: Any) -> None:
         self.work, self.frame, self.stage, self.attempt = work, frame, stage, attempt
-        self.window: Window | None = None
+        self.window: Answers | None = None
         self.journal: Journal | None = None
         self.rows: list[dict[str, Any]] = []
 
@@ -218,7 +230,7 @@ class _Partition:
             if self.work.prices is not None:
                 stage.count("cost_usd", self.work.prices.cost(usage))
 
-    def _open(self, first: int) -> Window:
+    def _open(self, first: int) -> Answers:
         work, stage = self.work, self.stage
         self.rows = [{str(k): v for k, v in row.items()}
                      for row in self.frame.to_dict("records")]
@@ -236,30 +248,44 @@ class _Partition:
         if work.prices is not None:
             spent = sum(work.prices.cost(Answer(work.kind, restored[r.key].body or {}).usage)
                         for r in {r.key: r for r in requests}.values() if r.key in restored)
+        where = f"api_stage {work.name}[{stage.partition_key}]"
+        if work.mode == "batch":
+            batches = ProviderBatch(
+                endpoint.sync_client(), requests[first:], first=first, restored=restored,
+                journal=self.journal, store=self.attempt.store,
+                prefix=self.attempt.layout.prefix, kind=work.kind,
+                poll_seconds=work.batch_poll_seconds,
+                completion_window=work.batch_completion_window,
+                keepalive=stage.still_working, log=stage.log, where=where)
+            self.window = batches
+            batches.start()
+            return batches
         client = endpoint.client()
         call = _caller(client, work.kind)
-        self.window = Window(
+        window = self.window = Window(
             call, requests[first:], first=first, restored=restored, journal=self.journal,
             max_in_flight=work.max_in_flight, policy=work.policy,
             limit=endpoint.shared_limit(work.model), prices=work.prices,
             max_cost_usd=work.max_cost_usd, spent_usd=spent,
             lookahead=2 * work.batch_size + 4 * work.max_in_flight,
-            where=f"api_stage {work.name}[{stage.partition_key}]", aclose=client.close)
+            where=where, aclose=client.close)
         self.journal.start()
-        self.window.start()
+        window.start()
         stage.log.info(f"api_stage {work.name}[{stage.partition_key}]: {len(requests) - first} "
                        f"rows to go from row {first}; {len(restored)} answers kept from "
                        f"earlier attempts are reused")
-        return self.window
+        return window
 
     def close(self) -> None:
         if self.window is not None:
             self.window.close()
             stats = self.window.stats
+            batches = (f", {stats.batches_submitted} provider batch(es) submitted"
+                       if self.work.mode == "batch" else "")
             self.stage.log.info(
                 f"api_stage {self.work.name}[{self.stage.partition_key}]: {stats.sent} "
                 f"requests sent, {stats.answered} answered, {stats.reused} answers reused, "
-                f"failures {stats.failures or 'none'}")
+                f"failures {stats.failures or 'none'}{batches}")
         if self.journal is not None:
             self.journal.close()
 
@@ -366,7 +392,9 @@ def api_stage(
             policy=RetryPolicy(api.max_retries, api.retry_base_seconds,
                                outage_seconds=api.outage_seconds),
             prices=prices, max_cost_usd=api.max_cost_usd, endpoint_key=api.endpoint_key,
-            name=asset_name, schema=checked_schema)
+            name=asset_name, schema=checked_schema, mode=api.mode,
+            batch_poll_seconds=api.batch_poll_seconds,
+            batch_completion_window=api.batch_completion_window)
         given = {k: options.get(k) for k in StageOptions.model_fields}
         given.update(
             upstream=upstream, schema=checked_schema, partitions_def=partitions_def,

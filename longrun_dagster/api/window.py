@@ -59,9 +59,77 @@ class WindowStats:
     reused: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     narrowest: int = 0
+    batches_submitted: int = 0
 
 
-class Window:
+class Answers:
+    """Records by request key, filled by a thread of their own and taken by the stage's
+    loop in row order: what ``Window`` (requests in flight) and ``ProviderBatch`` (one
+    provider batch) share."""
+
+    def __init__(self, requests: Sequence[Request], *, first: int,
+                 restored: dict[str, Record], journal: Journal, where: str) -> None:
+        self.requests, self.first, self.journal, self.where = requests, first, journal, where
+        self.stats = WindowStats()
+        self._results: dict[str, Record] = {}
+        self._restored = restored
+        self._cv = threading.Condition()
+        self._taken = first  # rows before it were taken by the loop
+        self._error: BaseException | None = None
+        self._stopping = False  # no new request (an error stopped it, or close)
+        self._closing = False  # abandon the requests in flight too
+        self._drained = False  # the thread has ended: no request is in flight
+        self._thread: threading.Thread | None = None
+
+    def take(self, position: int) -> Record:
+        """Row ``position``'s record, once its request is answered or given up; the error
+        that stopped the answers if it never will be."""
+        key = self.requests[position - self.first].key
+        with self._cv:
+            self._taken = max(self._taken, position + 1)
+            self._poke()
+            while key not in self._results:
+                if self._error is not None and self._drained:
+                    raise self._error  # once the requests in flight came back and are kept
+                self._cv.wait(0.5)
+            return self._results[key]
+
+    def close(self) -> None:
+        """Stop (requests in flight are abandoned) and end the thread."""
+        self._stopping = self._closing = True
+        self._poke()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _poke(self) -> None:
+        """Wake the thread (the loop took a row, or closes)."""
+
+    def _resolve_restored(self) -> None:
+        for request in self.requests:
+            kept = self._restored.get(request.key)
+            if kept is not None and request.key not in self._results:
+                self.stats.reused += 1
+                self._resolve(kept)
+
+    def _resolve(self, record: Record) -> None:
+        with self._cv:
+            self._results[record.key] = record
+            self._cv.notify_all()
+
+    def _stop(self, error: BaseException) -> None:
+        with self._cv:
+            if self._error is None:
+                self._error = error
+            self._cv.notify_all()
+        self._stopping = True
+
+    def _drain(self) -> None:
+        with self._cv:
+            self._drained = True
+            self._cv.notify_all()
+
+
+class Window(Answers):
     """Send ``requests`` (row positions ``first``.. of the partition) through ``call``."""
 
     def __init__(self, call: Call, requests: Sequence[Request], *, first: int,
@@ -69,30 +137,22 @@ class Window:
                  policy: RetryPolicy, limit: SharedLimit | None, prices: Prices | None,
                  max_cost_usd: float | None, spent_usd: float, lookahead: int,
                  where: str, aclose: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.call, self.requests, self.first = call, requests, first
-        self.aclose = aclose  # closes the client, on the loop that used it
-        self.journal, self.policy, self.limit = journal, policy, limit
-        self.prices, self.max_cost_usd, self.where = prices, max_cost_usd, where
+        super().__init__(requests, first=first, restored=restored, journal=journal,
+                         where=where)
+        self.call, self.aclose = call, aclose  # aclose: the client's, on its own loop
+        self.policy, self.limit = policy, limit
+        self.prices, self.max_cost_usd = prices, max_cost_usd
         self.lookahead = lookahead
-        self.stats = WindowStats(narrowest=max_in_flight)
+        self.stats.narrowest = max_in_flight
         self._window = AdaptiveWindow(max_in_flight)
         self._outage = OutageClock(policy.outage_seconds)
         self._rng = random.Random()
-        self._results: dict[str, Record] = {}
-        self._restored = restored
-        self._cv = threading.Condition()
-        self._taken = first  # rows before it were taken by the loop
-        self._error: BaseException | None = None
         self._spent = spent_usd
         self._reserved = 0.0
         self._not_before = 0.0  # no request before this (monotonic): a Retry-After
         self._parked: list[Record] = []
         self._active = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False  # no new request (an error stopped the window, or close)
-        self._closing = False  # abandon the requests in flight too
-        self._drained = False  # the loop has ended: no request is in flight
         self._wake: asyncio.Event | None = None
 
     # -- the stage's side --------------------------------------------------------------
@@ -118,26 +178,6 @@ class Window:
         self._thread.start()
         ready.wait()
 
-    def take(self, position: int) -> Record:
-        """Row ``position``'s record, once its request is answered or given up; the error
-        that stopped the window if it never will be."""
-        key = self.requests[position - self.first].key
-        with self._cv:
-            self._taken = max(self._taken, position + 1)
-            self._poke()
-            while key not in self._results:
-                if self._error is not None and self._drained:
-                    raise self._error  # once the requests in flight came back and are kept
-                self._cv.wait(0.5)
-            return self._results[key]
-
-    def close(self) -> None:
-        """Stop sending (requests in flight are abandoned) and end the thread."""
-        self._stopping = self._closing = True
-        self._poke()
-        if self._thread is not None:
-            self._thread.join(30)
-
     def _poke(self) -> None:
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None and not loop.is_closed():
@@ -151,11 +191,7 @@ class Window:
     async def _main(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
         seen = set(self._restored)
-        for request in self.requests:
-            kept = self._restored.get(request.key)
-            if kept is not None and request.key not in self._results:
-                self.stats.reused += 1
-                self._resolve(kept)
+        self._resolve_restored()
         for offset, request in enumerate(self.requests):
             if request.key in seen:
                 continue
@@ -175,9 +211,7 @@ class Window:
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with self._cv:
-            self._drained = True
-            self._cv.notify_all()
+        self._drain()
 
     async def _sleep_until_woken(self) -> None:
         assert self._wake is not None
@@ -288,19 +322,6 @@ class Window:
     def _release(self, request: Request) -> None:
         if self.prices is not None:
             self._reserved -= self.prices.estimate(request.tokens)
-
-    def _resolve(self, record: Record) -> None:
-        with self._cv:
-            self._results[record.key] = record
-            self._cv.notify_all()
-
-    def _stop(self, error: BaseException) -> None:
-        with self._cv:
-            if self._error is None:
-                self._error = error
-            self._cv.notify_all()
-        self._stopping = True
-
 
 def _usage(body: dict[str, Any]) -> dict[str, int]:
     usage = body.get("usage") or {}

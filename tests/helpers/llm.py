@@ -16,7 +16,7 @@ import pandas as pd
 import pandera.pandas as pa
 import pydantic
 
-from longrun_dagster import AtomicObjectStoreIOManager, StageContext
+from longrun_dagster import AtomicObjectStoreIOManager, Heartbeat, StageContext
 from longrun_dagster.api.answer import Answer
 from longrun_dagster.api.stage import ApiEndpoint, api_stage
 
@@ -64,8 +64,9 @@ def parse(answer: Answer, row: dict[str, Any], stage: StageContext) -> dict[str,
 
 def options() -> dict[str, Any]:
     given: dict[str, Any] = json.loads(os.environ.get("API_OPTIONS", "{}"))
+    hooks = ["heartbeat"] if os.environ.get("LLM_HEARTBEAT") else []
     return {"batch_size": 16, "max_in_flight": 8, "retry_base_seconds": 0.05,
-            "max_bad_fraction": 0.2, **given}
+            "max_bad_fraction": 0.2, "hook_resource_keys": hooks, **given}
 
 
 def extracted_stage(**changes: Any) -> dg.AssetsDefinition:
@@ -75,8 +76,13 @@ def extracted_stage(**changes: Any) -> dg.AssetsDefinition:
 
 
 def resources(base: str, url: str | None = None, **endpoint: Any) -> dict[str, Any]:
-    return {"io_manager": AtomicObjectStoreIOManager(base_uri=base),
-            "llm": ApiEndpoint(base_url=url or os.environ["LLM_BASE_URL"], **endpoint)}
+    found: dict[str, Any] = {
+        "io_manager": AtomicObjectStoreIOManager(base_uri=base),
+        "llm": ApiEndpoint(base_url=url or os.environ["LLM_BASE_URL"], **endpoint)}
+    if os.environ.get("LLM_HEARTBEAT"):  # seconds of stall timeout, watchdog on
+        found["heartbeat"] = Heartbeat(interval_seconds=0.2, watchdog=True,
+                                       stall_timeout_seconds=float(os.environ["LLM_HEARTBEAT"]))
+    return found
 
 
 extracted = extracted_stage()
@@ -93,7 +99,9 @@ def main() -> int:
 
     base_uri, url = sys.argv[1], sys.argv[2]
     result = dg.materialize([notes, extracted], selection=[extracted], partition_key=DAY,
-                            raise_on_error=False, resources=resources(base_uri, url))
+                            raise_on_error=False, resources=resources(base_uri, url),
+                            run_config={"loggers": {"console": {"config": {
+                                "log_level": "INFO"}}}})
     print("RESULT", "SUCCESS" if result.success else "FAILED", flush=True)
     return 0 if result.success else 1
 
