@@ -1,15 +1,18 @@
 """The example annotation pipeline, one daily partition at a time:
 
 records (synthetic, deterministic text) -> normalized (clean text; blanks quarantined)
+-> extracted (an LLM behind an OpenAI-compatible API: a summary, a word count and a
+   length label per record; by default longrun's deterministic test server, started in
+   the step's process; a real endpoint with LONGRUN_LLM_BASE_URL and OPENAI_API_KEY)
 -> embeddings (all-MiniLM-L6-v2, a real sentence-embedding model, offline)
 -> quality (a torch logistic-regression classifier over the embeddings)
 -> daily_summary (filter by quality and aggregate).
 
-Every model step is a ``model_stage``: pandera-validated, checkpointed, reused when
-committed, guarded by ``GpuGuard`` and ``Heartbeat``. ``embeddings`` is declared here with
-the decorator; ``quality`` by configuration, as a ``ModelStageComponent`` in
-``definitions/stages/quality/defs.yaml`` whose function, schema, setup and partitions live
-here. Uses only the public API.
+Every model step is a ``model_stage`` (``extracted`` an ``api_stage``): pandera-validated,
+checkpointed, reused when committed, guarded by ``GpuGuard`` and ``Heartbeat``.
+``embeddings`` is declared here with the decorator; ``quality`` by configuration, as a
+``ModelStageComponent`` in ``definitions/stages/quality/defs.yaml`` whose function,
+schema, setup and partitions live here. Uses only the public API.
 """
 
 import hashlib
@@ -20,8 +23,9 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pydantic
 
-from longrun_dagster import StageContext, model_stage
+from longrun_dagster import Answer, StageContext, api_stage, model_stage
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +79,54 @@ def normalized(batch: pd.DataFrame, stage: StageContext) -> pd.DataFrame:
     return pd.DataFrame({"id": batch.id.to_numpy(), "text": text.to_numpy()})
 
 
+class Extraction(pydantic.BaseModel):
+    """What the LLM must answer (sent as the request's response_format)."""
+
+    summary: str
+    n_words: int
+    label: str
+
+
+class Extracted(pa.DataFrameModel):
+    id: str = pa.Field(str_length={"min_value": 1}, unique=True)
+    text: str = pa.Field(str_length={"min_value": 1})
+    summary: str
+    n_words: int = pa.Field(ge=1)
+    label: str = pa.Field(isin=["short", "long"])
+
+    class Config:
+        strict = True
+
+
+INSTRUCTIONS = ("Reply with a JSON object: summary (the first five words of the text), "
+                "n_words (how many words it has) and label ('long' if it has more than 12 "
+                "words, else 'short').")
+
+
+def extraction_request(row: dict[str, object], stage: StageContext) -> dict[str, object]:
+    return {"messages": [{"role": "system", "content": INSTRUCTIONS},
+                         {"role": "user", "content": row["text"]}]}
+
+
+def parse_extraction(answer: Answer, row: dict[str, object],
+                     stage: StageContext) -> dict[str, object]:
+    extraction: Extraction = answer.parsed  # a misfit is quarantined before this
+    return {"id": row["id"], "text": row["text"], **extraction.model_dump()}
+
+
+# An LLM stage: requests stay in flight across the whole partition, answers are kept as
+# they arrive (a relaunch pays for none twice), malformed or truncated answers are
+# quarantined rows, and tokens land in the materialization's counts/... metadata.
+extracted = api_stage(
+    upstream=normalized, schema=Extracted,
+    model=os.environ.get("LONGRUN_LLM_MODEL", "longrun-tiny"),  # part of the definition
+    parse=parse_extraction, response_model=Extraction, partitions_def=DAYS,
+    name="extracted", params={"temperature": 0, "max_tokens": 128}, max_in_flight=16,
+    batch_size=128, max_bad_fraction=0.05, hook_resource_keys=["heartbeat"],
+    group_name="annotation", description="An LLM extracts a summary, a word count and a "
+    "length label from each record.")(extraction_request)
+
+
 class Embedded(pa.DataFrameModel):
     id: str = pa.Field(str_length={"min_value": 1}, unique=True)
     embedding: object
@@ -105,7 +157,7 @@ def load_minilm(stage: StageContext) -> object:
 
 # code_version set by hand: the weights come from a package the code digest does not see
 # (normalized above has none: its code is its identity, so an edit recomputes it)
-@model_stage(upstream=normalized, schema=Embedded, partitions_def=DAYS, batch_size=64,
+@model_stage(upstream=extracted, schema=Embedded, partitions_def=DAYS, batch_size=64,
              checkpoint_every_batches=2, checkpoint_every_seconds=120, code_version="minilm-1",
              setup=load_minilm, hook_resource_keys=HOOKS, pool="gpu", group_name="annotation",
              need_vram_mb=None, kinds=["pytorch"])

@@ -14,7 +14,9 @@ def test_definitions_load_with_lineage() -> None:
     defs = definitions.defs
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"records", "normalized", "embeddings", "quality", "daily_summary"} <= keys
+    assert {"records", "normalized", "extracted", "embeddings", "quality",
+            "daily_summary"} <= keys
+    assert graph.get(dg.AssetKey("embeddings")).parent_keys == {dg.AssetKey("extracted")}
     assert graph.get(dg.AssetKey("quality")).parent_keys == {dg.AssetKey("embeddings")}
     assert [s.name for s in defs.schedules or []] == ["annotation_schedule"]
     assert [s.name for s in defs.sensors or []] == ["longrun_stalled_runs"]
@@ -28,6 +30,7 @@ def test_main_commits_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert main(["--partitions", "2026-11-01"]) == 0
     first = capsys.readouterr().out
     assert "quality        2026-11-01   committed" in first, first
+    assert re.search(r"extracted +2026-11-01 +committed +247 +0 ", first), first
     # the day's 9 blank records are quarantined by the normalized stage's schema, not lost
     assert re.search(r"normalized +2026-11-01 +committed +247 +9 ", first), first
     assert main(["--partitions", "2026-11-01"]) == 0

@@ -53,7 +53,12 @@ class ApiEndpoint(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     base_url: str | None = Field(
         default=None, description="The endpoint's /v1 URL, e.g. http://vllm:8000/v1. "
-        "Unset: OPENAI_BASE_URL, else OpenAI's.")
+        "Unset: LONGRUN_LLM_BASE_URL, else OPENAI_BASE_URL (where the run executes), else "
+        "OpenAI's.")
+    embedded_fallback: bool = Field(
+        default=False, description="With no URL set anywhere, start longrun's "
+        "deterministic test server (longrun_dagster.llm_server) on loopback in the step's "
+        "process and call it: for examples and tests, never for production.")
     api_key_env: str = Field(
         default="OPENAI_API_KEY", description="Name of the environment variable that holds "
         "the API key (not the key). A loopback endpoint needs none.")
@@ -71,7 +76,11 @@ class ApiEndpoint(dg.ConfigurableResource):  # type: ignore[type-arg]
         "or postgresql://user@host/db (several hosts).")
 
     def url(self) -> str | None:
-        return self.base_url or os.environ.get("OPENAI_BASE_URL")
+        found = (self.base_url or os.environ.get("LONGRUN_LLM_BASE_URL")
+                 or os.environ.get("OPENAI_BASE_URL"))
+        if found is None and self.embedded_fallback:
+            return _embedded_server()
+        return found
 
     def api_key(self) -> str:
         key = os.environ.get(self.api_key_env)
@@ -103,6 +112,19 @@ class ApiEndpoint(dg.ConfigurableResource):  # type: ignore[type-arg]
         return SharedLimit(self.requests_per_minute, self.tokens_per_minute,
                            self.rate_limit_url or default_url(),
                            f"{self.url() or 'openai'}|{model}")
+
+
+_EMBEDDED: list[Any] = []
+
+
+def _embedded_server() -> str:
+    """The URL of this process's test server, started on first use."""
+    if not _EMBEDDED:
+        from longrun_dagster.llm_server import LlmServer
+
+        _EMBEDDED.append(LlmServer().__enter__())
+    url: str = _EMBEDDED[0].base_url
+    return url
 
 
 def _loopback(url: str | None) -> bool:
