@@ -31,8 +31,9 @@ from tests.conftest import free_port
 from tests.helpers.services import Services
 
 DAYS = ["2026-11-01", "2026-11-02"]
-LINEAGE = {"records": [], "normalized": ["records"], "embeddings": ["normalized"],
-           "quality": ["embeddings"], "daily_summary": ["quality"]}
+LINEAGE = {"records": [], "normalized": ["records"], "extracted": ["normalized"],
+           "embeddings": ["extracted"], "quality": ["embeddings"],
+           "daily_summary": ["quality"]}
 STAGES = ["normalized", "embeddings", "quality"]  # model stages; the rest plain assets
 ROWS = 64
 BACKFILL_TIMEOUT = 900.0  # 56-99 s alone; 8+ min beside the Celery soak on 2 cores
@@ -449,7 +450,8 @@ def test_ui_shows_a_running_stages_progress(
     for day in ["2026-11-03", "2026-11-04", "2026-11-05"]:
         launched = deployment.graphql(LAUNCH_BACKFILL, {"backfillParams": {
             "selector": None, "assetSelection": [{"path": [k]} for k in STAGES[:2]]
-            + [{"path": ["records"]}], "partitionNames": [day], "fromFailure": False,
+            + [{"path": ["records"]}, {"path": ["extracted"]}], "partitionNames": [day],
+            "fromFailure": False,
             "tags": []}})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         caught = catch_a_running_stage(deployment, launched["backfillId"])
