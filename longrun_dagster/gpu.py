@@ -326,6 +326,28 @@ def _torch_cleanup() -> None:
         pass
 
 
+class BeyondBaseline:
+    """A backend read relative to a baseline (the reading after the stage's setup): used
+    and live bytes beyond it, against what the baseline left free. For engines that
+    pre-allocate most of the device when they load (vLLM's ``gpu_memory_utilization``):
+    the guard then judges what the stage allocates beyond that, not the device total."""
+
+    def __init__(self, inner: Backend, baseline: Reading) -> None:
+        self.inner, self.baseline = inner, baseline
+        self.name = inner.name
+        self.device = (f"{inner.device}, beyond the {baseline.used / MB:.0f} MiB held after "
+                       "setup")
+
+    def read(self) -> Reading:
+        now, base = self.inner.read(), self.baseline
+        live = None if now.live is None or base.live is None else max(0, now.live - base.live)
+        return Reading(max(0, now.used - base.used), max(1, now.total - base.used),
+                       now.utilization, now.temperature, live)
+
+    def cleanup(self) -> None:
+        self.inner.cleanup()
+
+
 def choose_backend(kind: str = "auto", index: int = 0, host_limit_bytes: int | None = None,
                    log: Any = _log) -> Backend:
     """NVML, then torch.cuda, then host memory; logs which one and why."""
@@ -418,6 +440,19 @@ class VramGuard:
         reading = self.backend.read()
         self._record(reading)
         return reading
+
+    def rebase(self) -> Reading:
+        """From now on judge memory beyond what the device holds now (``BeyondBaseline``);
+        the reading taken is the baseline."""
+        baseline = self.backend.read()
+        if baseline.used >= baseline.total:
+            raise GpuMemoryExceeded(
+                f"{self.backend.device}: {baseline.used / MB:.0f} MiB of "
+                f"{baseline.total / MB:.0f} MiB are used after setup, nothing is left for the "
+                "batches; lower what the engine pre-allocates (vLLM: gpu_memory_utilization) "
+                "or the model's size")
+        self.backend = BeyondBaseline(self.backend, baseline)
+        return baseline
 
     def step(self, steps_left: int | None = None) -> Reading | None:
         """One batch done; ``steps_left``: batches still to come in this stage, if known
@@ -522,6 +557,8 @@ class VramGuard:
         }
         if t.utilization_n:
             meta["gpu_utilization_mean"] = round(t.utilization_sum / t.utilization_n, 1)
+        if isinstance(self.backend, BeyondBaseline):
+            meta["vram_baseline_mb"] = round(self.backend.baseline.used / MB, 1)
         process_used = getattr(self.backend, "process_used", None)
         mine = process_used() if process_used is not None else None
         if mine is not None:

@@ -45,6 +45,11 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
     fail_on_leak_within_steps: float | None = Field(
         default=None, description="Fail (retryably) when a leak is projected to hit the "
         "hard threshold within this many steps; unset: only warn.")
+    baseline_after_setup: bool = Field(
+        default=False, description="Judge thresholds and leaks on the memory a stage "
+        "allocates beyond what the device held after its setup (for engines that "
+        "pre-allocate, e.g. vLLM's gpu_memory_utilization): the budget is what setup left "
+        "free, not the device total.")
     host_memory_limit_mb: int | None = Field(
         default=None, description="Host backend only: the memory budget (default: the cgroup "
         "limit, else physical RAM).")
@@ -81,6 +86,11 @@ class GpuGuard(dg.ConfigurableResource):  # type: ignore[type-arg]
             self.on_prepare(run)
         assert self._guard is not None
         self._guard.observe()  # the baseline with the model loaded: not a leak
+        if self.baseline_after_setup:
+            baseline = self._guard.rebase()
+            run.log.info(f"{self._guard.backend.device}: judging memory beyond the "
+                         f"{baseline.used / 2**20:.0f} MiB of {baseline.total / 2**20:.0f} "
+                         "MiB held after setup")
 
     def on_batch(self, run: StageRun) -> None:
         assert self._guard is not None, "on_start was not called"

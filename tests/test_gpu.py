@@ -300,3 +300,69 @@ def test_fail_on_leak_stops_before_the_oom() -> None:
             guard.step()
     assert guard.trend is not None and guard.trend.steps_to_hard is not None
     assert guard.trend.steps_to_hard <= 20 and guard.telemetry.steps < 40
+
+
+PREALLOCATED: list[Any] = []
+LIMIT: list[int] = []
+
+
+def test_an_engine_that_preallocates_90_percent_causes_no_cleanup_storm_nor_a_false_leak(
+        tmp_path: Path) -> None:
+    """vLLM's LLM(...) takes gpu_memory_utilization (0.9) of the device when it loads. A
+    guard judging the device total cleans up after every batch (90% > the soft 85%);
+    with baseline_after_setup it judges what the stage allocates beyond its setup, and a
+    real growth beyond it is still a leak. (The host backend stands in for the device:
+    setup allocates whatever takes this process to 90% of the guard's limit.)"""
+    from longrun_dagster import model_stage
+
+    def engine_setup(stage: Any) -> Any:
+        model = pipeline.load_model(stage)
+        PREALLOCATED.clear()
+        size = max(0, int(0.90 * LIMIT[-1]) - HostMemoryBackend().read().used)
+        block = bytearray(size)
+        block[::4096] = b"\x01" * len(block[::4096])  # resident, as a KV cache is
+        PREALLOCATED.append(block)
+        return model
+
+    def leak(batch: pd.DataFrame, stage: Any) -> pd.DataFrame:
+        if stage.config.get("leak"):
+            block = bytearray(4 * MB)
+            block[::4096] = b"\x01" * len(block[::4096])
+            HOLD.append(block)
+        return pipeline.score_batch(batch, stage)
+
+    io = AtomicObjectStoreIOManager(base_uri=(tmp_path / "lr").as_uri())
+    day = "2024-01-02"
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([pipeline.texts], partition_key=day, instance=instance,
+                          resources={"io_manager": io}).success
+
+    def run(name: str, *, baseline: bool, leaking: bool = False) -> dict[str, Any]:
+        gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)
+        LIMIT.append(HostMemoryBackend().read().used + 800 * MB)
+        stage = model_stage(upstream=pipeline.texts, schema=pipeline.Scored,
+                            partitions_def=pipeline.DAYS, batch_size=8, name=name,
+                            setup=engine_setup, hook_resource_keys=["gpu"],
+                            config={"leak": leaking})(leak)
+        guard = GpuGuard(backend="host", host_memory_limit_mb=LIMIT[-1] // MB,
+                         baseline_after_setup=baseline, leak_window_steps=10,
+                         leak_warmup_steps=1, leak_min_samples=5,
+                         leak_warn_mb_per_1000_steps=500.0)
+        result = dg.materialize([pipeline.texts, stage], partition_key=day,
+                                instance=instance, selection=[stage.key],
+                                resources={"io_manager": io, "gpu": guard})
+        assert result.success
+        HOLD.clear()
+        PREALLOCATED.clear()
+        [mat] = result.asset_materializations_for_node(name)
+        return {k: v.value for k, v in mat.metadata.items()}
+
+    total = run("device_total", baseline=False)
+    assert total["vram_cleanups"] >= total["batches"] - 1  # the storm, without a baseline
+    beyond = run("beyond_setup", baseline=True)
+    assert beyond["vram_cleanups"] == 0 and beyond["vram_leak_warnings"] == 0, beyond
+    assert beyond["vram_baseline_mb"] >= 0.85 * LIMIT[-1] / MB
+    leaking = run("leaking_beyond_setup", baseline=True, leaking=True)
+    assert leaking["vram_leak_warnings"] >= 1 and \
+        3000 < leaking["vram_leak_mb_per_1000_steps"] < 5000, leaking
