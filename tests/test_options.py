@@ -15,7 +15,8 @@ import pytest
 
 from longrun_dagster import ConfigError, model_stage
 from longrun_dagster.components import ModelStageComponent
-from longrun_dagster.options import StageOptions, reference_table
+from longrun_dagster.components import ApiStageComponent
+from longrun_dagster.options import ApiOptions, StageOptions, reference_table
 from tests.test_components import TYPE, Project, project  # noqa: F401 - the fixture
 
 README = Path(__file__).parent.parent / "README.md"
@@ -51,13 +52,23 @@ def test_component_attributes_are_the_options_plus_its_import_paths() -> None:
         "name", "fn", "upstream", "schema_", "setup", "partitions", "automation_condition"}
 
 
-def test_readme_options_table_is_the_model() -> None:
+@pytest.mark.parametrize(("marker", "model"), [("options", StageOptions),
+                                               ("api-options", ApiOptions)])
+def test_readme_options_table_is_the_model(marker: str, model: Any) -> None:
     text = README.read_text()
-    table = re.search(r"<!-- options:start.*?-->\n(.*?)\n<!-- options:end -->", text, re.S)
-    assert table is not None, "README.md lost its options table markers"
-    assert table.group(1).strip() == reference_table(), (
-        "README.md's options table is out of date; paste the output of "
-        "python -c 'from longrun_dagster.options import reference_table as t; print(t())'")
+    table = re.search(rf"<!-- {marker}:start.*?-->\n(.*?)\n<!-- {marker}:end -->", text,
+                      re.S)
+    assert table is not None, f"README.md lost its {marker} table markers"
+    assert table.group(1).strip() == reference_table(model), (
+        f"README.md's {marker} table is out of date; run ./scripts/options-table")
+
+
+def test_api_component_attributes_are_the_options_plus_its_import_paths() -> None:
+    fields = set(ApiStageComponent.model_fields)
+    assert set(StageOptions.model_fields) | set(ApiOptions.model_fields) <= fields
+    assert fields - set(StageOptions.model_fields) - set(ApiOptions.model_fields) == {
+        "name", "model_name", "request", "parse", "response_model", "upstream", "schema_",
+        "partitions", "automation_condition"}
 
 
 BAD = [

@@ -22,6 +22,6 @@ def test_readme_component_yaml_is_the_example_stage() -> None:
     """The YAML in the README is what the example location loads (same attributes)."""
     import yaml
 
-    [shown] = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    shown = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)[0]
     real = README.parent / "definitions" / "stages" / "quality" / "defs.yaml"
     assert yaml.safe_load(shown) == yaml.safe_load(real.read_text())
