@@ -8,7 +8,7 @@ does not pull in Dagster.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _EXPORTS = {
     "Answer": "longrun_dagster.api.answer",

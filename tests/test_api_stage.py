@@ -17,7 +17,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from longrun_dagster import ConfigError, PartitionStore, open_store
+from longrun_dagster import AtomicObjectStoreIOManager, ConfigError, PartitionStore, open_store
 from longrun_dagster.api.answer import BadAnswer
 from longrun_dagster.api.journal import ANSWERS, FLUSH_SECONDS
 from longrun_dagster.llm_server import LlmServer, answer_of
@@ -431,3 +431,32 @@ def test_batch_mode_survives_a_kill_between_submit_and_completion_without_a_seco
     assert "reconnecting to provider batch" in relaunch.stderr
     assert len(server.requests("/v1/batches")) == 1  # no second submission
     assert len(committed(base)) == llm.ROWS
+
+
+@pytest.mark.s3
+def test_on_s3_answers_are_kept_and_reused_after_a_failed_attempt(
+        server: LlmServer, s3_endpoint: str, s3_bucket: str) -> None:
+    """The answers journal on a real S3 endpoint (moto on loopback): an attempt that fails
+    over its budget keeps its answers; a changed stage (another code version: no
+    checkpoint to resume) commits from them without asking again."""
+    from dagster_aws.s3 import S3Resource
+
+    io = AtomicObjectStoreIOManager(
+        base_uri=f"s3://{s3_bucket}/lr",
+        s3=S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing"))
+    resources = {"io_manager": io, "llm": llm.ApiEndpoint(base_url=server.base_url)}
+    assert dg.materialize([llm.notes], partition_key=llm.DAY, resources=resources).success
+    server.set_faults(truncated=0.5, seed=4)
+    strict = llm.extracted_stage(max_bad_fraction=0.0)
+    failed = dg.materialize([llm.notes, strict], partition_key=llm.DAY, selection=[strict.key],
+                            resources=resources, raise_on_error=False)
+    assert not failed.success
+    sent = len(server.requests())
+    lenient = llm.extracted_stage(max_bad_fraction=0.9, code_version="v2")
+    result = dg.materialize([llm.notes, lenient], partition_key=llm.DAY,
+                            selection=[lenient.key], resources=resources)
+    assert result.success and len(server.requests()) == sent
+    m = meta(result)
+    assert m["rows_out"] + m["rows_quarantined"] == llm.ROWS
+    assert m["counts/quarantined/truncated"] == m["rows_quarantined"] > 0
