@@ -153,3 +153,10 @@ def test_a_redis_bucket_limits_processes_together(redis_url: str) -> None:
 def test_a_wrong_rate_limit_url_names_the_forms_it_takes() -> None:
     with pytest.raises(ConfigError, match="redis://host:6379/0"):
         SharedLimit(10, None, "memcached://x", "e")
+
+
+@pytest.mark.postgres
+def test_a_postgresql_bucket_limits_processes_together(postgres_url: str) -> None:
+    url = postgres_url.replace("postgresql+psycopg2://", "postgresql://")
+    total = _shared_count(url)
+    assert 8 <= total <= 16

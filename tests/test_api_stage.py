@@ -381,7 +381,7 @@ def batch_log(server: LlmServer) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 def test_batch_mode_submits_one_provider_batch_and_commits_its_answers(
         base: str, server: LlmServer) -> None:
-    server.set_faults(batch_seconds=0.3, malformed=0.05, seed=2)
+    server.set_faults(batch_seconds=0.3, malformed=0.05, bad_request=0.05, seed=2)
     batched = llm.extracted_stage(mode="batch", batch_poll_seconds=0.1)
     result = materialize(base, server, batched)
     assert result.success, failure(result)
@@ -390,7 +390,10 @@ def test_batch_mode_submits_one_provider_batch_and_commits_its_answers(
     assert server.requests() == []  # nothing went through /v1/chat/completions
     m = meta(result)
     assert m["rows_out"] + m["rows_quarantined"] == llm.ROWS
-    assert m.get("counts/quarantined/malformed_json", 0) == m["rows_quarantined"] > 0
+    malformed, refused = (m.get(f"counts/quarantined/{r}", 0) for r in ("malformed_json",
+                                                                         "http_400"))
+    assert malformed > 0 and refused > 0  # the error file's rows are quarantined too
+    assert malformed + refused == m["rows_quarantined"]
     assert list(committed(base)["id"])[:3] == [f"{llm.DAY}-{i}" for i in range(3)]
 
 
@@ -460,3 +463,14 @@ def test_on_s3_answers_are_kept_and_reused_after_a_failed_attempt(
     m = meta(result)
     assert m["rows_out"] + m["rows_quarantined"] == llm.ROWS
     assert m["counts/quarantined/truncated"] == m["rows_quarantined"] > 0
+
+
+def test_timeouts_and_dropped_connections_are_retried(base: str, server: LlmServer) -> None:
+    server.set_faults(timeout=0.05, hang_seconds=3.0, dropped=0.05, seed=9)
+    result = materialize(base, server, timeout_seconds=0.5)
+    assert result.success, failure(result)
+    log = server.requests()
+    assert {"timeout", "dropped"} <= {r["fault"] for r in log}
+    m = meta(result)
+    assert m["rows_quarantined"] == 0 and len(committed(base)) == llm.ROWS
+    assert m["counts/retries"] == sum(r["fault"] in ("timeout", "dropped") for r in log)

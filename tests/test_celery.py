@@ -537,7 +537,12 @@ def celery_chaos(deploy: Callable[..., CeleryDeployment], cluster: Cluster, tmp:
     return chaos
 
 
-@pytest.mark.timeout(900)  # ~270 s alone; twice that beside a CPU hog and another run
+# ~270 s alone, the suite's longest test: behind LONGRUN_SLOW=1 since issue 27's tests
+# (./scripts/test must stay under 30 minutes on 2 cores). Without it, tests c and d cover
+# a lost and a frozen Celery worker, and test_stalled_e2e the daemon restart and the run
+# retry race on one host.
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # twice the 270 s beside a CPU hog and another run
 def test_e_chaos_on_celery_a_short_fixed_seed(
     deploy: Callable[..., CeleryDeployment], cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -14,8 +14,7 @@ import pandera.pandas as pa
 import pytest
 
 from longrun_dagster import ConfigError, model_stage
-from longrun_dagster.components import ModelStageComponent
-from longrun_dagster.components import ApiStageComponent
+from longrun_dagster.components import ApiStageComponent, ModelStageComponent
 from longrun_dagster.options import ApiOptions, StageOptions, reference_table
 from tests.test_components import TYPE, Project, project  # noqa: F401 - the fixture
 
