@@ -50,6 +50,8 @@ class Faults:
     bad_request: float = 0.0
     down: bool = False
     """Every request fails with 503 (an outage)."""
+    poisoned: tuple[str, ...] = ()
+    """Texts (last user message, or input) whose every request fails with 500."""
     batch_seconds: float = 0.5
     """How long a provider batch takes to complete."""
     batch_expires: int = 0
@@ -262,7 +264,8 @@ class LlmServer:
                  "text": text, "nth": nth, "started": time.time(), "status": 0}
         with self._lock:
             self.state.log.append(entry)
-        fault = "down" if faults.down else _fault(faults, u)
+        fault = ("down" if faults.down else "server_error" if text in faults.poisoned
+                 else _fault(faults, u))
         entry["fault"] = fault
         if faults.latency_seconds:
             rng = random.Random(u)

@@ -474,3 +474,20 @@ def test_timeouts_and_dropped_connections_are_retried(base: str, server: LlmServ
     m = meta(result)
     assert m["rows_quarantined"] == 0 and len(committed(base)) == llm.ROWS
     assert m["counts/retries"] == sum(r["fault"] in ("timeout", "dropped") for r in log)
+
+
+@pytest.mark.timeout(120)
+def test_rows_that_always_fail_at_the_end_of_a_partition_are_quarantined_not_awaited(
+        base: str, server: LlmServer) -> None:
+    """The last rows' requests fail every time (a model that crashes on them) after every
+    other row was answered. Nothing else is in flight to show the endpoint is up, so
+    their rows were parked for good and the stage waited forever; a probe (an answered
+    request sent again) tells a poisoned row from an outage."""
+    rows = texts()
+    server.set_faults(poisoned=tuple(rows[-2:]))
+    stingy = llm.extracted_stage(max_retries=1, outage_seconds=30.0)
+    result = materialize(base, server, stingy)
+    assert result.success, failure(result)
+    m = meta(result)
+    assert m["counts/quarantined/retries_exhausted"] == 2 == m["rows_quarantined"]
+    assert len(committed(base)) == llm.ROWS - 2

@@ -60,6 +60,8 @@ class WindowStats:
     failures: dict[str, int] = field(default_factory=dict)
     narrowest: int = 0
     batches_submitted: int = 0
+    probes: int = 0
+    """Answered requests sent again to tell rows that always fail from an outage."""
 
 
 class Answers:
@@ -206,8 +208,11 @@ class Window(Answers):
             task = asyncio.create_task(self._one(request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        while tasks and not self._closing:  # an error stops new requests, not these
-            await self._sleep_until_woken()
+        while (tasks or self._parked) and not self._closing:  # an error stops new
+            if not tasks and self._parked:                    # requests, not these
+                await self._probe()
+            else:
+                await self._sleep_until_woken()
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,6 +257,41 @@ class Window(Answers):
             self._release(request)
             if self._wake is not None:
                 self._wake.set()
+
+    async def _probe(self) -> None:
+        """Only given-up requests are left, and nothing was answered since they began
+        failing: is the endpoint down (an outage: end the attempt) or are these rows
+        what fails (quarantine them)? Send a request that was answered before again; its
+        answer settles it. With none to send, only the outage clock can."""
+        now = time.monotonic()
+        if self._outage.down(now):
+            self._stop(ApiOutage(
+                f"{self.where}: every request failed for {self.policy.outage_seconds:.0f}s; "
+                "the endpoint looks down. Answers so far are kept; run the partition again "
+                "to resume once it is back"))
+            self._parked.clear()
+            return
+        known = next((r for r in self._results.values() if r.ok), None)
+        body = next((q.body for q in self.requests if known and q.key == known.key), None)
+        if body is not None:
+            self.stats.sent += 1
+            self.stats.probes += 1
+            try:
+                await self.call(body)
+            except Exception as exc:  # noqa: BLE001 - judged by the policy's seam
+                failure = failure_of(exc)
+                if failure is None:
+                    self._stop(exc)
+                    return
+                self._outage.failed(time.monotonic())
+            else:
+                self._outage.answered(time.monotonic())
+                parked, self._parked = self._parked, []
+                for one in parked:
+                    self._resolve(one)
+                return
+        await asyncio.sleep(min(self.policy.cap_seconds, max(
+            self.policy.base_seconds, self.policy.outage_seconds / 10)))
 
     def _failed(self, request: Request, failure: Failure, tries: int,
                 first_failure: float) -> bool:
