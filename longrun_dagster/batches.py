@@ -218,6 +218,9 @@ class Answered:
     rejected: pd.DataFrame
     reasons: list[dict[str, str]]
     """Per rejected row: ``{"column", "check", "value"}`` (check: the reason)."""
+    positions: list[int] | None = None
+    """Each rejected row's place in the batch (one row per input): rows are then numbered
+    as the inputs, the output's rows filling the places between."""
 
     def __len__(self) -> int:
         return len(self.output) + len(self.rejected)
@@ -393,9 +396,7 @@ class BatchLoop:
                                     f"{len(out)} rows returned for {len(batch)} inputs",
                                     first_row=self._rows_out)
             elif isinstance(out, Answered):
-                report = combined(validate(out.output, self.schema, first_row=self._rows_out),
-                                  reject_rows(out.rejected, out.reasons,
-                                              first_row=self._rows_out + len(out.output)))
+                report = self._answered(out)
             else:
                 report = validate(out, self.schema, first_row=self._rows_out)
             labels = out.output.index if isinstance(out, Answered) else out.index
@@ -413,6 +414,21 @@ class BatchLoop:
             self.progress.rows_done = min((index + 1) * self.batch_size, len(self.frame))
             self.progress.last_progress = time.monotonic()
             self._pending += 1
+
+    def _answered(self, out: Answered) -> Report:
+        """An ``Answered`` batch's report: its rejected rows numbered where they stand among
+        the batch's inputs when ``positions`` says, else after the output's rows."""
+        first = self._rows_out
+        if out.positions is None or not self.one_row_per_input:
+            return combined(validate(out.output, self.schema, first_row=first),
+                            reject_rows(out.rejected, out.reasons,
+                                        first_row=first + len(out.output)))
+        rejected = set(out.positions)
+        places = [p for p in range(len(out)) if p not in rejected]
+        return combined(
+            validate(out.output, self.schema, rows=pd.Index([first + p for p in places])),
+            reject_rows(out.rejected, out.reasons,
+                        numbers=pd.Index([first + p for p in out.positions])))
 
     def _added(self, index: int, report: Report, labels: pd.Index) -> dict[str, pyarrow.Table]:
         """Batch ``index``'s tables as the loop keeps (and checkpoints) them; the valid rows
@@ -605,7 +621,7 @@ def _encoder(tables: list[pyarrow.Table]) -> Callable[[], memoryview]:
 
 def _snapshotted(out: "pd.DataFrame | Answered") -> "pd.DataFrame | Answered":
     if isinstance(out, Answered):
-        return Answered(_snapshot(out.output), out.rejected, out.reasons)
+        return Answered(_snapshot(out.output), out.rejected, out.reasons, out.positions)
     return _snapshot(out)
 
 

@@ -371,7 +371,11 @@ class LlmServer:
         out, errors = [], []
         for i, line in enumerate(line for line in lines if line.strip()):
             item = json.loads(line)
-            if expires and i % 2:
+            if expires and i % 2:  # as OpenAI does: in the error file, with no response
+                errors.append({"id": f"req_{i}", "custom_id": item["custom_id"],
+                               "response": None, "error": {
+                                   "code": "batch_expired", "message": "This request could "
+                                   "not be executed before the completion window expired."}})
                 continue
             raw = json.dumps(item["body"], sort_keys=True).encode()
             u, _ = _draw(self.state, raw)

@@ -80,10 +80,11 @@ def _no_dropping(schema: pa.DataFrameSchema) -> pa.DataFrameSchema:
     return schema
 
 
-def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int = 0) -> Report:
+def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, first_row: int = 0,
+             rows: pd.Index | None = None) -> Report:
     """Split ``frame`` into valid and quarantined rows, numbering its rows from
-    ``first_row``."""
-    frame = _numbered(frame, first_row)
+    ``first_row`` (or as ``rows`` says)."""
+    frame = _numbered(frame, first_row, rows)
     try:
         checked = schema.validate(frame, lazy=True)
         return Report(_valid(checked, schema), empty_quarantine(), no_cases(), checked.index)
@@ -111,11 +112,11 @@ def reject_all(frame: pd.DataFrame, schema: pa.DataFrameSchema, column: str, che
 
 
 def reject_rows(rows: pd.DataFrame, failures: list[dict[str, str]], *,
-                first_row: int = 0) -> Report:
+                first_row: int = 0, numbers: pd.Index | None = None) -> Report:
     """Quarantine each of ``rows`` for its own reason (an API answer that is not an answer:
     ``failures[i]`` is row i's ``{"column", "check", "value"}``), numbering them from
-    ``first_row``."""
-    rows = _numbered(rows, first_row)
+    ``first_row`` (or as ``numbers`` says)."""
+    rows = _numbered(rows, first_row, numbers)
     cases = pd.DataFrame({"column": [f["column"] for f in failures],
                           "check": [f["check"] for f in failures],
                           "failure_case": [f["value"] for f in failures],
@@ -128,8 +129,11 @@ def combined(report: Report, rejected: Report) -> Report:
     if not len(rejected.quarantined):
         return report
     frames = [f for f in (report.quarantined, rejected.quarantined) if len(f)]
-    cases = [f for f in (report.failure_cases, rejected.failure_cases) if len(f)]
-    return Report(report.valid, pd.concat(frames), pd.concat(cases, ignore_index=True),
+    cases = pd.concat([f for f in (report.failure_cases, rejected.failure_cases) if len(f)],
+                      ignore_index=True)
+    cases = cases.sort_values("index", na_position="first", kind="stable",
+                              ignore_index=True)  # in row order, frame-wide failures first
+    return Report(report.valid, pd.concat(frames).sort_index(kind="stable"), cases,
                   report.valid_rows)
 
 
@@ -146,8 +150,11 @@ def _dtype(dtype: Any) -> Any:
     return object if dtype is None else dtype.type
 
 
-def _numbered(frame: pd.DataFrame, first_row: int) -> pd.DataFrame:
+def _numbered(frame: pd.DataFrame, first_row: int, rows: pd.Index | None = None
+              ) -> pd.DataFrame:
     """``frame`` indexed by row number, so pandera's failure cases name the user's row."""
+    if rows is not None:
+        return frame.set_axis(rows, axis="index")
     return frame.set_axis(pd.RangeIndex(first_row, first_row + len(frame)), axis="index")
 
 

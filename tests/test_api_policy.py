@@ -160,3 +160,36 @@ def test_a_postgresql_bucket_limits_processes_together(postgres_url: str) -> Non
     url = postgres_url.replace("postgresql+psycopg2://", "postgresql://")
     total = _shared_count(url)
     assert 8 <= total <= 16
+
+
+def test_a_request_over_a_whole_periods_tokens_waits_for_an_empty_bucket(
+        tmp_path: Path) -> None:
+    """pyrate-limiter refuses a weight over the bucket's capacity; the refusal was
+    ignored and such requests went out unthrottled."""
+    import asyncio
+
+    limit = SharedLimit(None, 1000, f"sqlite:///{tmp_path / 'l.sqlite'}", "e",
+                        period_seconds=1)
+
+    async def twice() -> float:
+        began = time.monotonic()
+        await limit.acquire(5000)
+        await limit.acquire(5000)
+        return time.monotonic() - began
+
+    try:
+        assert asyncio.run(twice()) >= 0.8
+    finally:
+        limit.close()
+
+
+def test_an_unreadable_retry_after_ms_is_ignored() -> None:
+    import httpx2
+    import openai
+
+    from longrun_dagster.api.policy import failure_of
+
+    response = httpx2.Response(429, headers={"retry-after-ms": "soon", "retry-after": "2"},
+                               request=httpx2.Request("POST", "http://llm/v1/chat"))
+    failure = failure_of(openai.RateLimitError("slow down", response=response, body=None))
+    assert failure is not None and failure.retry_after == 2.0 and failure.retried

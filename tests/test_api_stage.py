@@ -127,6 +127,8 @@ def test_chaos_every_row_is_committed_or_quarantined_with_its_reason_and_counts_
                                                  "truncated": want["truncated"]}.items() if v})
     good = {t for t, r in last.items() if r["fault"] is None}
     assert len(committed(base)) == len(good)
+    for position, row in zip(q["position"], q["row"], strict=True):  # numbered as inputs
+        assert json.loads(row)["id"] == f"{llm.DAY}-{position}"
 
 
 def test_a_bad_request_is_not_retried_and_its_row_is_quarantined_with_status_and_error(
@@ -491,3 +493,48 @@ def test_rows_that_always_fail_at_the_end_of_a_partition_are_quarantined_not_awa
     m = meta(result)
     assert m["counts/quarantined/retries_exhausted"] == 2 == m["rows_quarantined"]
     assert len(committed(base)) == llm.ROWS - 2
+
+
+def test_rows_with_the_same_request_share_one_answer_counted_once(
+        tmp_path: Path, server: LlmServer) -> None:
+    @dg.asset(partitions_def=llm.DAYS, name="notes")
+    def repeated(context: dg.AssetExecutionContext) -> pd.DataFrame:
+        texts = ["red green", "blue cyan magenta", "red green"] * 2
+        return pd.DataFrame({"id": [f"{context.partition_key}-{i}" for i in range(6)],
+                             "text": texts})
+
+    uri = (tmp_path / "lr").as_uri()
+    stage = llm.extracted_stage()
+    result = dg.materialize([repeated, stage], partition_key=llm.DAY,
+                            resources=llm.resources(uri, server.base_url))
+    assert result.success
+    assert len(server.requests()) == 2
+    m = meta(result)
+    assert m["counts/requests"] == 2 and m["rows_out"] == 6
+    assert m["counts/prompt_tokens"] == sum(r["status"] == 200 for r in server.requests()) * 0 \
+        + sum(len(t.split()) + 3 + 3 for t in ["red green", "blue cyan magenta"])
+    out = committed(uri)
+    assert list(out["summary"]) == ["red green", "blue cyan magenta", "red green"] * 2
+
+
+def test_a_partition_of_refused_requests_is_quarantined_not_an_outage(
+        base: str, server: LlmServer) -> None:
+    """400s prove the endpoint is up: they never add up to an outage (the partition takes
+    ~0.75 s, the outage period is 0.3 s)."""
+    server.set_faults(bad_request=1.0, latency_seconds=0.05)
+    refused = llm.extracted_stage(outage_seconds=0.3, max_bad_fraction=1.0)
+    result = materialize(base, server, refused)
+    assert result.success, failure(result)
+    assert meta(result)["counts/quarantined/http_400"] == llm.ROWS
+
+
+@pytest.mark.timeout(120)
+def test_a_rate_limit_store_that_cannot_be_reached_fails_the_step_with_its_error(
+        base: str, server: LlmServer) -> None:
+    """A request task that raised outside the call (here the limiter's store refusing the
+    connection) died silently, and the stage waited for its answer forever."""
+    result = materialize(base, server, requests_per_minute=100,
+                         rate_limit_url="redis://127.0.0.1:9/0")
+    assert not result.success
+    assert "Connection" in failure(result) or "connect" in failure(result)
+    assert server.requests() == []

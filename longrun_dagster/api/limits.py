@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from longrun_dagster.errors import ConfigError
+from longrun_dagster.errors import ConfigError, LongrunError
 
 
 def default_url() -> str:
@@ -44,7 +44,8 @@ class SharedLimit:
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="longrun-rate-limit")
         name = "lr_" + hashlib.sha256(self.endpoint.encode()).hexdigest()[:12]
-        self._limiters: list[tuple[Any, int]] = []  # (limiter, tokens per unit; 0: requests)
+        self._limiters: list[tuple[Any, int, int]] = []  # (limiter, tokens per unit (0:
+        # requests), units per period)
         self.token_unit = max(1, math.ceil((self.tokens_per_minute or 0) / 10_000))
         for suffix, per_minute, unit in (("r", self.requests_per_minute, 0),
                                          ("t", self.tokens_per_minute, self.token_unit)):
@@ -52,7 +53,7 @@ class SharedLimit:
                 units = per_minute if unit == 0 else max(1, per_minute // unit)
                 rate = Rate(units, Duration.SECOND * self.period_seconds)
                 bucket = _bucket(self.url, f"{name}_{suffix}", [rate])
-                self._limiters.append((Limiter(bucket), unit))
+                self._limiters.append((Limiter(bucket), unit, units))
 
     @property
     def active(self) -> bool:
@@ -66,13 +67,17 @@ class SharedLimit:
         await loop.run_in_executor(self._pool, self._acquire, tokens)
 
     def _acquire(self, tokens: int) -> None:
-        for limiter, unit in self._limiters:
-            weight = 1 if unit == 0 else max(1, math.ceil(tokens / unit))
-            limiter.try_acquire("request", weight=weight)
+        for limiter, unit, capacity in self._limiters:
+            # a request bigger than a whole period's tokens waits for an empty bucket
+            # (pyrate-limiter refuses a weight over the capacity outright)
+            weight = 1 if unit == 0 else min(capacity, max(1, math.ceil(tokens / unit)))
+            if not limiter.try_acquire("request", weight=weight):
+                raise LongrunError(f"rate limit bucket {self.url} refused a request of "
+                                   f"weight {weight}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for limiter, _ in self._limiters:
+        for limiter, _, _ in self._limiters:
             limiter.close()
 
 

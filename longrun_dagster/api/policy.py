@@ -85,11 +85,24 @@ def failure_of(exc: BaseException) -> Failure | None:
         return Failure("connection", f"connection failed: {exc}")
     if isinstance(exc, openai.APIStatusError):
         headers = exc.response.headers
+        wait = _milliseconds(headers.get("retry-after-ms"))
         return Failure(f"http_{exc.status_code}", _message(exc), exc.status_code,
-                       retry_after(headers.get("retry-after-ms") and
-                                   str(float(headers["retry-after-ms"]) / 1000) or
-                                   headers.get("retry-after")))
+                       wait if wait is not None else retry_after(headers.get("retry-after")))
+    if isinstance(exc, InvalidResponse):
+        return Failure("invalid_response", str(exc))
     return None
+
+
+class InvalidResponse(Exception):  # noqa: N818 - a response, not an error of ours
+    """A 200 whose body is not the JSON object an OpenAI-compatible server sends (a proxy's
+    HTML page, a cut connection): retried like a dropped connection."""
+
+
+def _milliseconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value) / 1000) if value else None
+    except ValueError:
+        return None
 
 
 def _message(exc: BaseException) -> str:

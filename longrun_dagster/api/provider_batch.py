@@ -25,6 +25,7 @@ from typing import Any
 
 from longrun_dagster.api.answer import CHAT
 from longrun_dagster.api.journal import Journal, Record
+from longrun_dagster.api.policy import RETRIED_STATUSES
 from longrun_dagster.api.window import Answers, Request
 from longrun_dagster.errors import ApiOutage, ObjectNotFound
 from longrun_dagster.storage import ObjectStore
@@ -40,13 +41,16 @@ class ProviderBatch(Answers):
     def __init__(self, client: Any, requests: Sequence[Request], *, first: int,
                  restored: dict[str, Record], journal: Journal, store: ObjectStore,
                  prefix: str, kind: str, poll_seconds: float, completion_window: str,
-                 keepalive: Callable[[], None], log: Any, where: str) -> None:
+                 keepalive: Callable[[], None], log: Any, where: str,
+                 max_retries: int = 6) -> None:
         super().__init__(requests, first=first, restored=restored, journal=journal,
                          where=where)
         self.client, self.store, self.folder = client, store, prefix + BATCHES
         self.url = "/v1/chat/completions" if kind == CHAT else "/v1/embeddings"
         self.poll_seconds, self.completion_window = poll_seconds, completion_window
         self.keepalive, self.log = keepalive, log
+        self.max_retries = max_retries
+        self._tries: dict[str, int] = {}  # batches each request was in without an answer
         self._woken = threading.Event()
 
     def start(self) -> None:
@@ -65,10 +69,10 @@ class ProviderBatch(Answers):
                 todo = {r.key: r for r in self.requests if r.key not in self._results}
                 if not todo:
                     return
-                answered = self._one_batch(list(todo.values()))
-                if not answered and not self._closing:
-                    self.log.warning(f"{self.where}: a provider batch answered none of its "
-                                     f"{len(todo)} requests; submitting them again")
+                settled = self._one_batch(list(todo.values()))
+                if len(todo) > settled and not self._closing:
+                    self.log.warning(f"{self.where}: a provider batch settled {settled} of "
+                                     f"its {len(todo)} requests; submitting the others again")
         except Exception as exc:  # noqa: BLE001 - handed to the stage's loop, which raises
             self._stop(exc)
         finally:
@@ -85,18 +89,31 @@ class ProviderBatch(Answers):
         batch = self._wait(batch)
         if batch is None:
             return 0
-        records = self._results_of(batch, {r.key for r in todo})
-        for one in records:
+        found = self._results_of(batch, {r.key for r in todo})
+        for one in found.values():
             if one.ok:
                 self.journal.add(one)
         self.journal.flush()  # kept before any row is taken from them
         self._write(digest, {**(record or {}), "batch_id": batch.id, "harvested": True})
-        for one in records:
-            self._resolve(one)
-        if batch.status == "failed":
-            raise ApiOutage(f"{self.where}: provider batch {batch.id} failed: "
-                            f"{_errors(batch)}; run the partition again to submit it anew")
-        return len(records)
+        settled = 0
+        for request in todo:
+            one = found.get(request.key) or Record(
+                request.key, False, None, 1, None, "batch_unanswered",
+                f"provider batch {batch.id} ({batch.status}) has no answer for it")
+            if one.ok or not _again(one):
+                self._resolve(one)
+                settled += 1
+            else:  # expired, cancelled, timed out, 429/5xx, missing: in the next batch
+                tries = self._tries[request.key] = self._tries.get(request.key, 0) + 1
+                if tries > self.max_retries:
+                    self._resolve(Record(request.key, False, None, tries, one.status,
+                                         "retries_exhausted", one.error))
+                    settled += 1
+        if batch.status in ("failed", "cancelled"):
+            raise ApiOutage(f"{self.where}: provider batch {batch.id} {batch.status}: "
+                            f"{_errors(batch)}; its answers are kept; run the partition again "
+                            "to submit the rest anew")
+        return settled
 
     def _reconnect(self, record: dict[str, Any], digest: str) -> Any:
         batch_id = record.get("batch_id")
@@ -144,17 +161,17 @@ class ProviderBatch(Answers):
             batch = self.client.batches.retrieve(batch.id)
         return batch
 
-    def _results_of(self, batch: Any, wanted: set[str]) -> list[Record]:
-        records = []
+    def _results_of(self, batch: Any, wanted: set[str]) -> dict[str, Record]:
+        records: dict[str, Record] = {}
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
             for line in self.client.files.content(file_id).text.splitlines():
                 if line.strip():
                     one = _record_of(json.loads(line))
-                    if one.key in wanted:
-                        records.append(one)
-                        self.stats.answered += one.ok
+                    if one.key in wanted and not (one.key in records and records[one.key].ok):
+                        records[one.key] = one
+        self.stats.answered += sum(r.ok for r in records.values())
         return records
 
     def _record(self, digest: str) -> dict[str, Any] | None:
@@ -169,6 +186,10 @@ class ProviderBatch(Answers):
         self.store.put(f"{self.folder}{digest}.json", json.dumps(record).encode())
 
 
+AGAIN_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout"})
+"""Error codes of a batch's error file that mean "not answered", not "refused"."""
+
+
 def _record_of(line: dict[str, Any]) -> Record:
     response = line.get("response") or {}
     status = response.get("status_code")
@@ -177,8 +198,19 @@ def _record_of(line: dict[str, Any]) -> Record:
         return Record(line["custom_id"], True, body, 1, 200)
     error = line.get("error") or (body or {}).get("error") or {}
     message = error.get("message", "") if isinstance(error, dict) else str(error)
-    return Record(line["custom_id"], False, None, 1, status,
-                  f"http_{status}" if status else "batch_error", str(message)[:500])
+    code = error.get("code") if isinstance(error, dict) else None
+    reason = (f"http_{status}" if status else str(code) if code in AGAIN_CODES
+              else "batch_error")
+    return Record(line["custom_id"], False, None, 1, status, reason, str(message)[:500])
+
+
+def _again(record: Record) -> bool:
+    """Whether a request a batch did not answer goes in the next batch (it was not refused:
+    expired, cancelled, timed out, rate-limited, a server error, or missing)."""
+    if record.reason in AGAIN_CODES or record.reason == "batch_unanswered":
+        return True
+    return record.status is not None and (record.status in RETRIED_STATUSES or
+                                          record.status >= 500)
 
 
 def _digest(url: str, keys: list[str]) -> str:

@@ -9,6 +9,7 @@ and parses them. (No ``from __future__ import annotations``: see ``stage``.)
 
 import contextlib
 import hashlib
+import inspect
 import ipaddress
 import json
 import os
@@ -32,7 +33,7 @@ from longrun_dagster.api.answer import (
 )
 from longrun_dagster.api.journal import Journal, Record
 from longrun_dagster.api.limits import SharedLimit, default_url
-from longrun_dagster.api.policy import RetryPolicy
+from longrun_dagster.api.policy import InvalidResponse, RetryPolicy
 from longrun_dagster.api.provider_batch import ProviderBatch
 from longrun_dagster.api.window import Answers, Prices, Request, Window, estimate_tokens
 from longrun_dagster.batches import Answered
@@ -200,7 +201,12 @@ class _Partition:
         self.work, self.frame, self.stage, self.attempt = work, frame, stage, attempt
         self.window: Answers | None = None
         self.journal: Journal | None = None
+        self._clients: list[Any] = []  # synchronous clients to close with the partition
         self.rows: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+        self.first_of: dict[str, int] = {}
+        """Each request key's first row: rows with the same request share its answer, and
+        its requests, tokens and cost are counted once, at that row."""
 
     def __call__(self, batch: pd.DataFrame, stage: StageContext) -> Answered:
         first = stage.batch_index * self.work.batch_size
@@ -210,7 +216,8 @@ class _Partition:
         reasons: list[dict[str, str]] = []
         for position in range(first, first + len(batch)):
             record = window.take(position)
-            self._count(record)
+            if self.first_of[self.keys[position]] == position:
+                self._count(record)
             made = self._output(record, self.rows[position], stage)
             if isinstance(made, BadAnswer):
                 rejected.append(position - first)
@@ -220,7 +227,7 @@ class _Partition:
             else:
                 outputs.extend(made)
         output = pd.DataFrame(outputs) if outputs else empty_frame(self.work.schema)
-        return Answered(output, batch.iloc[rejected], reasons)
+        return Answered(output, batch.iloc[rejected], reasons, rejected)
 
     def _output(self, record: Record, row: dict[str, Any], stage: StageContext
                 ) -> list[dict[str, Any]] | BadAnswer:
@@ -257,9 +264,11 @@ class _Partition:
         self.rows = [{str(k): v for k, v in row.items()}
                      for row in self.frame.to_dict("records")]
         requests = []
-        for row in self.rows:
+        for position, row in enumerate(self.rows):
             body = work.body(row, stage)
             requests.append(Request(work.key(body), body, estimate_tokens(body)))
+            self.first_of.setdefault(requests[-1].key, position)
+        self.keys = [r.key for r in requests]
         endpoint = getattr(stage.resources, work.endpoint_key)
         if not isinstance(endpoint, ApiEndpoint):
             raise ConfigError(f"api_stage {work.name!r} needs an ApiEndpoint under resource "
@@ -273,21 +282,24 @@ class _Partition:
         where = f"api_stage {work.name}[{stage.partition_key}]"
         if work.mode == "batch":
             batches = ProviderBatch(
-                endpoint.sync_client(), requests[first:], first=first, restored=restored,
+                self._closing(endpoint.sync_client()), requests[first:], first=first,
+                restored=restored,
                 journal=self.journal, store=self.attempt.store,
                 prefix=self.attempt.layout.prefix, kind=work.kind,
                 poll_seconds=work.batch_poll_seconds,
                 completion_window=work.batch_completion_window,
-                keepalive=stage.still_working, log=stage.log, where=where)
+                keepalive=stage.still_working, log=stage.log, where=where,
+                max_retries=work.policy.max_retries)
             self.window = batches
             batches.start()
             return batches
+        limit = endpoint.shared_limit(work.model)
         client = endpoint.client()
         call = _caller(client, work.kind)
         window = self.window = Window(
             call, requests[first:], first=first, restored=restored, journal=self.journal,
             max_in_flight=work.max_in_flight, policy=work.policy,
-            limit=endpoint.shared_limit(work.model), prices=work.prices,
+            limit=limit, prices=work.prices,
             max_cost_usd=work.max_cost_usd, spent_usd=spent,
             lookahead=2 * work.batch_size + 4 * work.max_in_flight,
             where=where, aclose=client.close)
@@ -297,6 +309,10 @@ class _Partition:
                        f"rows to go from row {first}; {len(restored)} answers kept from "
                        f"earlier attempts are reused")
         return window
+
+    def _closing(self, client: Any) -> Any:
+        self._clients.append(client)
+        return client
 
     def close(self) -> None:
         if self.window is not None:
@@ -308,17 +324,33 @@ class _Partition:
                 f"api_stage {self.work.name}[{self.stage.partition_key}]: {stats.sent} "
                 f"requests sent, {stats.answered} answered, {stats.reused} answers reused, "
                 f"failures {stats.failures or 'none'}{batches}")
+        for client in self._clients:
+            client.close()
         if self.journal is not None:
             self.journal.close()
 
 
 def _caller(client: Any, kind: str) -> Callable[[dict[str, Any]], Any]:
+    """``call(body)``: the response's JSON. Body keys the SDK's ``create`` does not take
+    (vLLM's ``top_k``, ``repetition_penalty``, ``guided_json``...) go in ``extra_body``,
+    as the SDK wants them."""
     create = (client.chat.completions.with_raw_response.create if kind == CHAT
               else client.embeddings.with_raw_response.create)
+    known = set(inspect.signature(create).parameters)
 
     async def call(body: dict[str, Any]) -> dict[str, Any]:
-        raw = await create(**body)
-        answer: dict[str, Any] = json.loads(raw.content)
+        extra = {k: v for k, v in body.items() if k not in known}
+        given = {k: v for k, v in body.items() if k in known}
+        if extra:
+            given["extra_body"] = {**(given.get("extra_body") or {}), **extra}
+        raw = await create(**given)
+        try:
+            answer = json.loads(raw.content)
+        except ValueError as exc:
+            raise InvalidResponse(f"the answer is not JSON ({exc}): "
+                                  f"{raw.content[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise InvalidResponse(f"the answer is not a JSON object: {raw.content[:200]!r}")
         return answer
 
     return call

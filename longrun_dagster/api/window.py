@@ -20,7 +20,7 @@ from typing import Any
 from longrun_dagster.api.journal import Journal, Record
 from longrun_dagster.api.limits import SharedLimit
 from longrun_dagster.api.policy import AdaptiveWindow, Failure, OutageClock, RetryPolicy, failure_of
-from longrun_dagster.errors import ApiOutage, CostLimitReached
+from longrun_dagster.errors import ApiOutage, CostLimitReached, LongrunError
 
 Call = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 RETRIES_EXHAUSTED = "retries_exhausted"
@@ -91,14 +91,21 @@ class Answers:
             self._taken = max(self._taken, position + 1)
             self._poke()
             while key not in self._results:
-                if self._error is not None and self._drained:
-                    raise self._error  # once the requests in flight came back and are kept
+                if self._drained:  # once the requests in flight came back and are kept
+                    raise self._error or LongrunError(
+                        f"{self.where}: the requests ended without an answer for row "
+                        f"{position} (a bug in longrun-dagster; please report it)")
                 self._cv.wait(0.5)
             return self._results[key]
 
-    def close(self) -> None:
-        """Stop (requests in flight are abandoned) and end the thread."""
-        self._stopping = self._closing = True
+    def close(self, drain_seconds: float = 5.0) -> None:
+        """Stop sending; give the requests in flight ``drain_seconds`` to come back (their
+        answers are paid for: they are kept), abandon the rest, end the thread."""
+        self._stopping = True
+        self._poke()
+        with self._cv:
+            self._cv.wait_for(lambda: self._drained, timeout=drain_seconds)
+        self._closing = True
         self._poke()
         if self._thread is not None:
             self._thread.join(30)
@@ -168,13 +175,18 @@ class Window(Answers):
             ready.set()
             try:
                 self._loop.run_until_complete(self._main())
+            except BaseException as exc:  # handed to the stage's loop, which raises it
+                self._stop(exc)
             finally:
-                if self.aclose is not None:
-                    self._loop.run_until_complete(self.aclose())
-                if self.limit is not None:
-                    self.limit.close()
-                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-                self._loop.close()
+                try:
+                    if self.aclose is not None:
+                        self._loop.run_until_complete(self.aclose())
+                finally:
+                    if self.limit is not None:
+                        self.limit.close()
+                    self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                    self._loop.close()
+                    self._drain()
 
         self._thread = threading.Thread(target=run, name="longrun-api-window", daemon=True)
         self._thread.start()
@@ -192,6 +204,14 @@ class Window(Answers):
 
     async def _main(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
+        try:
+            await self._send_all(tasks)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _send_all(self, tasks: set[asyncio.Task[None]]) -> None:
         seen = set(self._restored)
         self._resolve_restored()
         for offset, request in enumerate(self.requests):
@@ -200,7 +220,7 @@ class Window(Answers):
             seen.add(request.key)
             while not self._stopping and (self._active >= self._window.open or
                                           self.first + offset >= self._taken + self.lookahead):
-                await self._sleep_until_woken()
+                await self._idle()
             if self._stopping or not await self._affordable(request):
                 break
             self._active += 1
@@ -209,14 +229,15 @@ class Window(Answers):
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         while (tasks or self._parked) and not self._closing:  # an error stops new
-            if not tasks and self._parked:                    # requests, not these
-                await self._probe()
-            else:
-                await self._sleep_until_woken()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._drain()
+            await self._idle()                                # requests, not these
+
+    async def _idle(self) -> None:
+        """Wait for something to change; with nothing in flight but rows given up while
+        nothing was answered (parked), find out whether the endpoint is down."""
+        if self._active == 0 and self._parked and not self._stopping:
+            await self._probe()
+        else:
+            await self._sleep_until_woken()
 
     async def _sleep_until_woken(self) -> None:
         assert self._wake is not None
@@ -240,9 +261,9 @@ class Window(Answers):
                 self.stats.sent += 1
                 try:
                     body = await self.call(request.body)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - judged by the policy's seam
                     failure = failure_of(exc)
-                    if failure is None:
+                    if failure is None:  # not the request's failure: a bug, raised
                         self._stop(exc)
                         return
                     first_failure = first_failure or time.monotonic()
@@ -252,6 +273,10 @@ class Window(Answers):
                     continue
                 self._answered(Record(request.key, True, body, tries))
                 return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a limiter or bookkeeping error: raised by take()
+            self._stop(exc)
         finally:
             self._active -= 1
             self._release(request)
@@ -285,10 +310,7 @@ class Window(Answers):
                     return
                 self._outage.failed(time.monotonic())
             else:
-                self._outage.answered(time.monotonic())
-                parked, self._parked = self._parked, []
-                for one in parked:
-                    self._resolve(one)
+                self._endpoint_up(time.monotonic())
                 return
         await asyncio.sleep(min(self.policy.cap_seconds, max(
             self.policy.base_seconds, self.policy.outage_seconds / 10)))
@@ -304,7 +326,10 @@ class Window(Answers):
             self.stats.narrowest = min(self.stats.narrowest, self._window.open)
         if failure.retry_after:
             self._not_before = max(self._not_before, now + failure.retry_after)
-        self._outage.failed(now)
+        if not failure.retried:  # the endpoint answered (it refused this request): it is
+            self._endpoint_up(now)  # up, and rows given up meanwhile are their own fault
+        else:
+            self._outage.failed(now)
         if self._outage.down(now):
             self._stop(ApiOutage(
                 f"{self.where}: every request failed for {self.policy.outage_seconds:.0f}s "
@@ -324,13 +349,16 @@ class Window(Answers):
         return True
 
     def _answered(self, record: Record) -> None:
-        self._outage.answered(time.monotonic())
         self._window.answered()
         self.stats.answered += 1
         if self.prices is not None and record.body is not None:
             self._spent += self.prices.cost(_usage(record.body))
         self.journal.add(record)
         self._resolve(record)
+        self._endpoint_up(time.monotonic())
+
+    def _endpoint_up(self, now: float) -> None:
+        self._outage.answered(now)
         parked, self._parked = self._parked, []
         for one in parked:
             self._resolve(one)
