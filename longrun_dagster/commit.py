@@ -116,8 +116,8 @@ class PartitionStore:
         if role == "data" and manifest.format == formats.BATCHES_FORMAT:
             return formats.decode_batches(self._read_tables(asset, partition, stored),
                                           manifest.dtypes)
-        if not stored:
-            return formats.decode(manifest.format, b"")
+        if not stored:  # no object of the role: none (a clean stage has no quarantine)
+            return formats.decode(manifest.format, b"") if role == "data" else None
         fmt = manifest.format if role == "data" else formats.format_of(stored[0].name)
         return self.read_object(asset, partition, stored[0],
                                 decode=lambda data: formats.decode(fmt, data))

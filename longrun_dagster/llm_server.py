@@ -52,6 +52,9 @@ class Faults:
     """Every request fails with 503 (an outage)."""
     poisoned: tuple[str, ...] = ()
     """Texts (last user message, or input) whose every request fails with 500."""
+    scripted: dict[str, list[str | None]] = field(default_factory=dict)
+    """Per text, the fault of its 1st, 2nd... request (a fault's name, or None for an
+    answer); requests past the list are answered. Overrides the fractions."""
     batch_seconds: float = 0.5
     """How long a provider batch takes to complete."""
     batch_expires: int = 0
@@ -253,7 +256,8 @@ class LlmServer:
     async def _inference(self, request: web.Request, answer: Any) -> web.StreamResponse:
         raw = await request.read()
         with self._lock:
-            faults = Faults(**asdict(self.state.faults))
+            faults = Faults(**{**asdict(self.state.faults),
+                               "scripted": self.state.faults.scripted})
             u, nth = _draw(self.state, raw)
         try:
             body = json.loads(raw)
@@ -264,7 +268,9 @@ class LlmServer:
                  "text": text, "nth": nth, "started": time.time(), "status": 0}
         with self._lock:
             self.state.log.append(entry)
+        script = faults.scripted.get(text)
         fault = ("down" if faults.down else "server_error" if text in faults.poisoned
+                 else (script[nth] if nth < len(script) else None) if script is not None
                  else _fault(faults, u))
         entry["fault"] = fault
         if faults.latency_seconds:

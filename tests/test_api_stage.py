@@ -92,6 +92,9 @@ def test_every_row_is_answered_parsed_and_committed_in_input_order(
     assert m["counts/prompt_tokens"] == sum(r["nth"] == 0 for r in server.requests()) * 0 + \
         sum(len(t.split()) + len("Answer in JSON.".split()) + 3 for t in rows)
     assert len(server.requests()) == llm.ROWS
+    store = PartitionStore(open_store(base))  # no bad row: no quarantine object (loading
+    manifest = store.committed(["extracted"], llm.DAY)  # it raised "unknown stored format
+    assert store.load_version(manifest, "quarantine") is None  # 'parquet-batches'")
     again = materialize(base, server)  # committed: reused, nothing sent
     assert again.success and meta(again)["reused"] is True
     assert len(server.requests()) == llm.ROWS
