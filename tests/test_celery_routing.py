@@ -37,8 +37,8 @@ def test_the_example_on_celery_sends_its_model_stages_to_the_gpu_queue() -> None
     job = module.defs.resolve_job_def("annotation")
     assert job.executor_def.name == "celery"
     assert queues(job, {"gpu": "gpu"}, tags={"dagster/partition": "2026-11-02"}) == {
-        "records": None, "normalized": None, "embeddings": "gpu", "quality": "gpu",
-        "daily_summary": None}
+        "records": None, "normalized": None, "extracted": None, "embeddings": "gpu",
+        "quality": "gpu", "daily_summary": None}  # extracted calls an API: no GPU queue
 
 
 def test_a_step_that_names_its_queue_keeps_it() -> None:

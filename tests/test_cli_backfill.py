@@ -59,7 +59,7 @@ def test_the_readme_materialize_command_commits_then_reuses(tmp_path: Path) -> N
     shell.run(shell.lines[1])
     once = time.monotonic() - started
     again = shell.run(shell.lines[1])  # every stage reused
-    assert again.stderr.count("reusing it, the model is not called") == 3
+    assert again.stderr.count("reusing it, the model is not called") == 4  # 4 stages
     print(f"CLI: first run {once:.1f}s, fully reused {time.monotonic() - started - once:.1f}s")
 
 
@@ -90,5 +90,5 @@ def test_the_readme_backfill_commands_commit_every_partition(tmp_path: Path) -> 
         daemon.wait(30)
     io = AtomicObjectStoreIOManager(base_uri=shell.env["LONGRUN_BASE_URI"])
     for day in days:
-        for asset in ("normalized", "embeddings", "quality"):
+        for asset in ("normalized", "extracted", "embeddings", "quality"):
             assert io.partition_store().lookup([asset], day) is not None, (asset, day)
